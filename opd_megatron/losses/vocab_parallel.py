@@ -1,0 +1,161 @@
+"""Primitives over vocabulary-sharded logits, processed in chunks of positions.
+
+Layout (Megatron's): the padded vocabulary of size Vp is split contiguously over the tp ranks, rank
+r holds global ids [r * Vp/tp, (r+1) * Vp/tp). Ids >= vocab_size are padding: a shard is used only
+up to its `valid` column, so padding never enters a max, a sum, a softmax or a top-K, and its
+gradient is zero.
+
+Logits are flattened to [positions, shard width] and visited `chunk` positions at a time, upcast to
+the compute dtype (at least fp32) one chunk at a time into reused buffers. Nothing of vocabulary size
+crosses ranks: only per-position scalars and K candidates per rank.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from opd_megatron.losses._comm import all_gather_cat, all_reduce_, group_rank, group_size
+
+# Elements per chunk buffer (16 MiB in fp32): small beside a shard, large enough to amortise the
+# per-chunk collectives and kernel launches.
+CHUNK_ELEMENTS = 1 << 22
+# A chunk never spans more than this fraction of the positions, so that the handful of chunk
+# buffers stays well under one shard even for a small vocabulary or bf16 inputs.
+MAX_CHUNK_FRACTION = 16
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Where this rank's columns sit in the global vocabulary."""
+
+    group: object
+    width: int  # columns of the local shard, padding included
+    start: int  # global id of local column 0
+    valid: int  # leading local columns that are real vocabulary
+    vocab_size: int  # real (unpadded) global vocabulary size
+
+    @classmethod
+    def of(cls, width: int, vocab_size: int | None, group) -> "VocabShard":
+        padded = width * group_size(group)
+        if vocab_size is None:
+            vocab_size = padded
+        if not 0 < vocab_size <= padded:
+            raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded}] (shard width {width}"
+                             f" x {group_size(group)} tensor-parallel ranks)")
+        start = group_rank(group) * width
+        return cls(group, width, start, min(max(vocab_size - start, 0), width), vocab_size)
+
+    def check_ids(self, name: str, ids: torch.Tensor) -> None:
+        """Out-of-range ids would silently read 0 (no rank owns them): refuse them instead."""
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
+        if ids.numel() and bool(((ids < 0) | (ids >= self.vocab_size)).any()):
+            raise ValueError(f"{name} has ids outside [0, vocab_size={self.vocab_size})")
+
+    def local_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local column, owned mask) for global `ids`; unowned ids get column 0 so they can index."""
+        local = ids - self.start
+        owned = (local >= 0) & (local < self.valid)
+        return torch.where(owned, local, 0), owned
+
+    def gather(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x[row, id] for the ids this rank owns, 0 elsewhere: a sum over ranks assembles all of them."""
+        if self.valid == 0:
+            return x.new_zeros(ids.shape)
+        local, owned = self.local_ids(ids)
+        return torch.where(owned, x.gather(1, local), 0.0)
+
+    def scatter_add_(self, x: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """x[row, id] += values for the ids this rank owns (a gradient goes to its owner only)."""
+        if self.valid == 0:
+            return
+        local, owned = self.local_ids(ids)
+        x.scatter_add_(1, local, torch.where(owned, values, 0.0))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 (the reference tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def chunk_ranges(num_positions: int, width: int, chunk_size: int | None):
+    """(start, stop) position ranges; chunk_size=None picks one from the buffer budget."""
+    if chunk_size is None:
+        chunk_size = min(CHUNK_ELEMENTS // max(width, 1),
+                         math.ceil(num_positions / MAX_CHUNK_FRACTION))
+    chunk_size = max(int(chunk_size), 1)
+    return [(s, min(s + chunk_size, num_positions)) for s in range(0, num_positions, chunk_size)]
+
+
+class Workspace:
+    """Named [chunk, columns] buffers reused by every chunk of one pass.
+
+    On CPU, allocating fresh chunk-sized tensors costs more than the arithmetic on them (page
+    faults on every new mapping, measured ~10x for a subtraction); with `out=` and in-place ops
+    into these buffers the extra memory is a fixed few chunks.
+    """
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+        self._shape, self._dtype, self._device = (rows, cols), dtype, device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, rows: int) -> torch.Tensor:
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self._shape, dtype=self._dtype, device=self._device)
+        return self._buffers[name][:rows]
+
+    @classmethod
+    def for_chunks(cls, ranges, shard: VocabShard, dtype, device) -> "Workspace":
+        return cls(max(stop - start for start, stop in ranges), shard.valid, dtype, device)
+
+
+def check_temperature(temperature: float) -> float:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return float(temperature)
+
+
+def load_scaled(rows: torch.Tensor, out: torch.Tensor, temperature: float) -> torch.Tensor:
+    """out = rows / temperature in the buffer's dtype (the upcast happens here, per chunk)."""
+    out.copy_(rows)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sum_v a[:, v] * b[:, v], through a scratch buffer instead of a fresh product tensor."""
+    return torch.mul(a, b, out=scratch).sum(dim=-1)
+
+
+def global_max(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """[n, 1] maximum over the global vocabulary; detached (it only stabilises exp)."""
+    if shard.valid == 0:
+        local = x.new_full((x.shape[0], 1), -math.inf)
+    else:
+        local = x.amax(dim=-1, keepdim=True)
+    return all_reduce_(local, shard.group, op=dist.ReduceOp.MAX)
+
+
+def global_topk(x: torch.Tensor, k: int, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the global vocabulary: (values, global ids), [n, k], sorted descending.
+
+    Each rank contributes its local top-k, so k * tp candidates per position cross ranks; column 0
+    of the values is the global maximum.
+    """
+    n, local_k = x.shape[0], min(k, shard.valid)
+    values = x.new_full((n, k), -math.inf)
+    ids = torch.zeros((n, k), dtype=torch.long, device=x.device)
+    if local_k > 0:
+        top = x.topk(local_k, dim=-1)
+        values[:, :local_k] = top.values
+        ids[:, :local_k] = top.indices + shard.start
+    values = all_gather_cat(values, shard.group, dim=1)
+    ids = all_gather_cat(ids, shard.group, dim=1)
+    if values.shape[1] == k:
+        return values, ids
+    best = values.topk(k, dim=-1)
+    return best.values, ids.gather(1, best.indices)
