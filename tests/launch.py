@@ -22,10 +22,12 @@ def free_port() -> int:
 
 
 def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Launch `script` on `nproc` local ranks; fail the test with the ranks' output on error."""
+             env: dict[str, str] | None = None, module: bool = False) -> subprocess.CompletedProcess:
+    """Launch `script` (a module name with module=True) on `nproc` local ranks; fail the test
+    with the ranks' output on error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args]
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+           *(["-m"] if module else []), str(script), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
                 "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,

@@ -38,12 +38,13 @@ def _device() -> torch.device:
 
 
 def run_microbatches(chunks: list[torch.nn.Module], microbatches: list[dict], loss_fn: LossFn,
-                     *, forward_only: bool) -> list[dict]:
+                     *, forward_only: bool, model_kwargs: dict | None = None) -> list[dict]:
     """Run every micro-batch (each a dict with at least `input_ids` [b, s]) through the model.
 
     All micro-batches of one call must share [b, s] (pipeline stages exchange fixed-shape
-    activations). Returns the metrics dict of each micro-batch on the last pipeline stage, an
-    empty list elsewhere.
+    activations). `model_kwargs` go to every chunk's forward (the rollout engine passes its
+    KV-cache `inference_context` this way). Returns the metrics dict of each micro-batch on the
+    last pipeline stage, an empty list elsewhere.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -64,7 +65,8 @@ def run_microbatches(chunks: list[torch.nn.Module], microbatches: list[dict], lo
         mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v
               for k, v in next(data_iterator).items()}
         inputs = model_inputs(mb["input_ids"])
-        output = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
+        output = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"],
+                       **(model_kwargs or {}))
         return output, partial(loss_wrapper, mb)
 
     num_chunks = len(chunks)

@@ -1,0 +1,26 @@
+"""Shared start-up of every command: load the recipe and validate it before any process group."""
+from __future__ import annotations
+
+import torch
+
+from opd_megatron.checkpoint.source import resolve_arch
+from opd_megatron.config.loader import load_config
+from opd_megatron.config.validate import validate_layout
+from opd_megatron.models.arch import ModelArch
+from opd_megatron.runtime.distributed import world_size_from_env
+
+
+def load_and_validate(path: str, overrides: list[str], schema):
+    """(config, student architecture), or ConfigError naming the key and the file."""
+    cfg = load_config(path, schema, overrides)
+    arch: ModelArch = resolve_arch(cfg.model)
+    validate_layout(cfg.parallel, arch, world_size_from_env(), cuda=torch.cuda.is_available(),
+                    where=str(path))
+    from opd_megatron.models.precision import DeviceCaps, PrecisionError, plan_precision
+    from opd_megatron.config.loader import ConfigError
+
+    try:
+        plan_precision(cfg.precision, DeviceCaps.detect())
+    except PrecisionError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg, arch
