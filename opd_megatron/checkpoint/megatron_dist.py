@@ -29,6 +29,11 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class ConversionError(CheckpointError):
+    """Input that cannot be converted between HF and Megatron; the message names the file,
+    tensor or flag at fault."""
+
+
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     state = {}
     for index, chunk in enumerate(chunks):

@@ -8,6 +8,8 @@ import sys
 # command -> module under opd_megatron.cli
 COMMANDS = {
     "smoke": "smoke",
+    "score": "score",
+    "train": "train",
 }
 
 
@@ -21,10 +23,22 @@ def main(argv: list[str] | None = None) -> int:
         module.add_parser(sub)
         modules[name] = module
     args = parser.parse_args(argv)
-    from opd_megatron.config.loader import ConfigError
-
     try:
         return modules[args.command].run(args) or 0
-    except ConfigError as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Problems with the user's inputs: reported as one line, without a traceback."""
+    from opd_megatron.checkpoint.megatron_dist import CheckpointError
+    from opd_megatron.config.loader import ConfigError
+    from opd_megatron.data.dataset import DataError
+    from opd_megatron.models.arch import ArchitectureError
+    from opd_megatron.rewards.scoring import RewardError
+    from opd_megatron.stages.distill import TeacherHealthError, TokenizerMismatchError
+    from opd_megatron.stages.loop import NonFiniteLossError
+
+    return (ConfigError, CheckpointError, DataError, ArchitectureError, RewardError,
+            TeacherHealthError, TokenizerMismatchError, NonFiniteLossError)

@@ -153,6 +153,12 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict[str, str]) -> Any:
             fail("an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-3` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                fail("a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         return float(value)

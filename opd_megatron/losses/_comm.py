@@ -43,12 +43,14 @@ def all_reduce_(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tens
     return tensor
 
 
-def all_reduce_columns(columns: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """Sum-reduce several [n] or [n, k] tensors with one collective (one latency, not several)."""
-    flat = [c.reshape(c.shape[0], -1) for c in columns]
+def all_reduce_columns(columns: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
+    """Sum-reduce named [n] or [n, k] tensors with one collective (one latency, not several)."""
+    if not columns or group_size(group) == 1:
+        return columns
+    flat = [c.reshape(c.shape[0], -1) for c in columns.values()]
     packed = all_reduce_(torch.cat(flat, dim=1), group)
     parts = packed.split([f.shape[1] for f in flat], dim=1)
-    return [p.reshape(c.shape) for p, c in zip(parts, columns)]
+    return {name: part.reshape(c.shape) for (name, c), part in zip(columns.items(), parts)}
 
 
 def all_gather_cat(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ def vocab_parallel_distill_loss(student_logits: torch.Tensor, teacher_logits: to
     student_logits, teacher_logits: this rank's shard [batch, seq, Vp/tp] (Megatron's contiguous
         vocabulary partition); entries >= vocab_size are padding and are ignored. The teacher is
         detached.
-    loss: one of OBJECTIVES (see LOSSES.md); `topk_rkl_sg` is the default everywhere else.
+    loss: one of OBJECTIVES (LOSSES.md); the stages default to `topk_rkl_sg`.
     support: "student" (the student's global top-K, chosen without gradient), "teacher", or
         "given" (`support_ids` [batch, seq, top_k] global ids, distinct per position).
     sampled_ids: [batch, seq] tokens of the rollout; needed by `sampled_pg`, and enables the
@@ -113,17 +113,17 @@ def _make_plan(student, teacher, loss, top_k, support, temperature, loss_mask, s
         if sampled_ids.shape != positions:
             raise ValueError(f"sampled_ids shape {tuple(sampled_ids.shape)} must be "
                              f"{tuple(positions)}")
-        # Masked positions may hold padding ids; they are never read.
-        sampled_ids = torch.where(valid, sampled_ids, 0).reshape(-1)
-        shard.check_ids("sampled_ids", sampled_ids)
+        # Masked positions may hold any id (padding, -100); they are never read.
+        shard.check_ids("sampled_ids", sampled_ids[valid])
+        sampled_ids = torch.where(valid, sampled_ids, 0).reshape(-1).long()
     if support == "given":
         if support_ids is None:
             raise ValueError("support='given' needs support_ids")
         if support_ids.shape != (*positions, top_k):
             raise ValueError(f"support_ids shape {tuple(support_ids.shape)} must be "
                              f"{(*positions, top_k)} (top_k={top_k})")
-        support_ids = torch.where(valid[..., None], support_ids, 0).reshape(-1, top_k)
-        shard.check_ids("support_ids", support_ids)
+        shard.check_ids("support_ids", support_ids[valid])
+        support_ids = torch.where(valid[..., None], support_ids, 0).reshape(-1, top_k).long()
     return _Plan(OBJECTIVES[loss], support, top_k, check_temperature(temperature), float(beta),
                  shard, chunk_size, mask.reshape(-1), sampled_ids, support_ids)
 
@@ -199,80 +199,79 @@ class _Distill(torch.autograd.Function):
 
 
 def _forward_chunk(plan: _Plan, ws: Workspace, s_rows, t_rows, rows: slice):
+    """(objective terms, support ids, (lse of z, lse of t), metrics [n, len(METRICS)])."""
     shard, k, n = plan.shard, plan.top_k, s_rows.shape[0]
     z = load_scaled(s_rows, ws("z", n), plan.temperature)
     t = load_scaled(t_rows, ws("t", n), plan.temperature)
-    # Phase 1: global top-K of each side; column 0 is the max used to stabilise exp.
+    # Phase 1: global top-K of each side; column 0 is the max that stabilises exp.
     z_top, z_top_ids = global_topk(z, k, shard)
     t_top, t_top_ids = global_topk(t, k, shard)
     z.sub_(z_top[:, :1])
     t.sub_(t_top[:, :1])
-    # Phase 2: normalisers, full-vocabulary sums and the support values, one all-reduce.
+    support = {"student": z_top_ids, "teacher": t_top_ids,
+               "given": None if plan.support_ids is None else plan.support_ids[rows]}[plan.support]
+    sampled = None if plan.sampled_ids is None else plan.sampled_ids[rows, None]
+
+    # Phase 2: normalisers, full-vocabulary sums and the values on the support, one all-reduce.
     ez = torch.exp(z, out=ws("ez", n))
     et = torch.exp(t, out=ws("et", n))
     scratch = ws("scratch", n)
-    support = {"student": z_top_ids, "teacher": t_top_ids,
-               "given": None if plan.support_ids is None else plan.support_ids[rows]}[plan.support]
-    columns = [ez.sum(dim=-1), et.sum(dim=-1), row_dot(ez, z, scratch), row_dot(ez, t, scratch),
-               shard.gather(z, support), shard.gather(t, support)]
+    sums = {"ez": ez.sum(dim=-1), "et": et.sum(dim=-1), "ez_z": row_dot(ez, z, scratch),
+            "ez_t": row_dot(ez, t, scratch), "z_support": shard.gather(z, support),
+            "t_support": shard.gather(t, support)}
     if plan.needs("fkl"):
-        columns += [row_dot(et, t, scratch), row_dot(et, z, scratch)]
-    if plan.sampled_ids is not None:
-        sampled = plan.sampled_ids[rows, None]
-        columns += [shard.gather(z, sampled)[:, 0], shard.gather(t, sampled)[:, 0]]
-    sum_ez, sum_et, ez_z, ez_t, z_support, t_support, *rest = all_reduce_columns(columns,
-                                                                                 shard.group)
-    log_zs, log_ts = sum_ez.log(), sum_et.log()
-    mean_z, mean_t = ez_z / sum_ez, ez_t / sum_ez  # E_p[z - max z], E_p[t - max t]
+        sums.update(et_t=row_dot(et, t, scratch), et_z=row_dot(et, z, scratch))
+    if sampled is not None:
+        sums.update(z_sampled=shard.gather(z, sampled)[:, 0],
+                    t_sampled=shard.gather(t, sampled)[:, 0])
+    sums = all_reduce_columns(sums, shard.group)
+    log_zs, log_ts = sums["ez"].log(), sums["et"].log()
+    mean_z, mean_t = sums["ez_z"] / sums["ez"], sums["ez_t"] / sums["ez"]  # E_p[z - max z], ...
     stats = PositionStats(
-        logp_support=z_support - log_zs[:, None], logq_support=t_support - log_ts[:, None],
+        logp_support=sums["z_support"] - log_zs[:, None],
+        logq_support=sums["t_support"] - log_ts[:, None],
         support_in_teacher_topk=_isin_rows(support, t_top_ids),
         rkl=mean_z - log_zs - mean_t + log_ts, beta=plan.beta)
     if plan.needs("fkl"):
-        et_t, et_z, *rest = rest
-        stats.fkl = (et_t - et_z) / sum_et - log_ts + log_zs
-    teacher_rank = None
-    if plan.sampled_ids is not None:
-        z_sampled, t_sampled = rest
-        stats.logp_sampled, stats.logq_sampled = z_sampled - log_zs, t_sampled - log_ts
-        # Phase 3 (only what needs the normalised distributions or the sampled logit).
-        phase3 = [torch.gt(t, t_sampled[:, None], out=scratch).sum(dim=-1)]
-    else:
-        phase3 = []
+        stats.fkl = (sums["et_t"] - sums["et_z"]) / sums["et"] - log_ts + log_zs
+    if sampled is not None:
+        stats.logp_sampled = sums["z_sampled"] - log_zs
+        stats.logq_sampled = sums["t_sampled"] - log_ts
+
+    # Phase 3: what needs the normalised distributions or the sampled logit, one more all-reduce.
+    late = {}
+    if sampled is not None:
+        late["above_sampled"] = torch.gt(t, sums["t_sampled"][:, None], out=scratch).sum(dim=-1)
     if plan.needs("jsd"):
-        phase3 += _jsd_sums(plan.beta, ws, z, t, ez, et, log_zs, log_ts, sum_ez, sum_et)
-    if phase3:
-        phase3 = all_reduce_columns(phase3, shard.group)
-    if plan.sampled_ids is not None:
-        teacher_rank, *phase3 = phase3
-        teacher_rank = teacher_rank + 1
+        p, q = ez.div_(sums["ez"][:, None]), et.div_(sums["et"][:, None])
+        logp, logq = z.sub_(log_zs[:, None]), t.sub_(log_ts[:, None])
+        late["kl_pm"], late["kl_qm"] = _jsd_sums(plan.beta, ws, p, q, logp, logq)
+    late = all_reduce_columns(late, shard.group)
     if plan.needs("jsd"):
-        stats.kl_pm, stats.kl_qm = phase3
-    terms = plan.objective.terms(stats)
+        stats.kl_pm, stats.kl_qm = late["kl_pm"], late["kl_qm"]
+
     metrics = torch.stack([
         _isin_rows(z_top_ids, t_top_ids).sum(dim=-1).to(z.dtype) / k,
         log_zs - mean_z,  # entropy
         stats.rkl,
         stats.logp_support.exp().sum(dim=-1),
         stats.logq_support.exp().sum(dim=-1),
-        torch.zeros_like(log_zs) if teacher_rank is None else teacher_rank,
+        late["above_sampled"] + 1 if sampled is not None else torch.zeros_like(log_zs),
     ], dim=-1)
     lse = (z_top[:, 0] + log_zs, t_top[:, 0] + log_ts)
-    return terms, support, lse, metrics
+    return plan.objective.terms(stats), support, lse, metrics
 
 
-def _jsd_sums(beta, ws, z, t, ez, et, log_zs, log_ts, sum_ez, sum_et) -> list[torch.Tensor]:
-    """[sum_v p (log p - log m), sum_v q (log q - log m)] over this shard; consumes z, t, ez, et."""
-    n = z.shape[0]
-    p, q = ez.div_(sum_ez[:, None]), et.div_(sum_et[:, None])
-    logp, logq = z.sub_(log_zs[:, None]), t.sub_(log_ts[:, None])
-    # m underflows to 0 only where p and q do too; clamping keeps 0 * log(..) at 0 instead of NaN.
+def _jsd_sums(beta, ws, p, q, logp, logq) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's part of (KL(p || m), KL(q || m)), m = beta q + (1 - beta) p."""
+    n = p.shape[0]
+    # m underflows to 0 only where p and q do too; clamping keeps 0 * log(..) at 0, not NaN.
     logm = torch.mul(p, 1 - beta, out=ws("scratch", n)).add_(q, alpha=beta)
     logm.clamp_min_(torch.finfo(logm.dtype).tiny).log_()
     diff = ws("diff", n)
     kl_pm = row_dot(p, torch.sub(logp, logm, out=diff), diff)
     kl_qm = row_dot(q, torch.sub(logq, logm, out=diff), diff)
-    return [kl_pm, kl_qm]
+    return kl_pm, kl_qm
 
 
 def _dense_grad(plan: _Plan, ws: Workspace, s_rows, t_rows, lse_s, lse_t, shift, weight):

@@ -41,13 +41,13 @@ class _LogProbs(torch.autograd.Function):
             zmax = global_max(z, shard)
             z.sub_(zmax)
             e = torch.exp(z, out=ws("e", n))
-            sum_e, dot_ez, z_y = all_reduce_columns(
-                [e.sum(dim=-1), row_dot(e, z, ws("scratch", n)),
-                 shard.gather(z, flat_ids[start:stop])[:, 0]], shard.group)
-            log_sum = sum_e.log()
+            sums = all_reduce_columns(
+                {"e": e.sum(dim=-1), "e_z": row_dot(e, z, ws("scratch", n)),
+                 "z_y": shard.gather(z, flat_ids[start:stop])[:, 0]}, shard.group)
+            log_sum = sums["e"].log()
             lse[start:stop] = zmax[:, 0] + log_sum
-            logp[start:stop] = z_y - log_sum
-            entropy[start:stop] = log_sum - dot_ez / sum_e
+            logp[start:stop] = sums["z_y"] - log_sum
+            entropy[start:stop] = log_sum - sums["e_z"] / sums["e"]
         ctx.save_for_backward(logits, flat_ids, lse, entropy)
         ctx.shard, ctx.temperature, ctx.ranges = shard, temperature, ranges
         return logp.view(ids.shape), entropy.view(ids.shape)

@@ -4,6 +4,7 @@ Must run after `opd_megatron.runtime.initialize` (it reads Megatron's parallel s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -42,7 +43,8 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def transformer_config(arch: ModelArch, parallel: ParallelConfig, plan: PrecisionPlan):
+def transformer_config(arch: ModelArch, parallel: ParallelConfig, plan: PrecisionPlan,
+                       *, initialize: bool = True):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     bf16 = plan.params_dtype == torch.bfloat16
@@ -67,6 +69,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, plan: Precisio
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         bf16=bf16,
+        fp16=plan.params_dtype == torch.float16,
         params_dtype=plan.params_dtype,
         pipeline_dtype=plan.params_dtype,
         tensor_model_parallel_size=parallel.tensor_parallel,
@@ -76,6 +79,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, plan: Precisio
         expert_model_parallel_size=parallel.expert_parallel,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=True,
+        perform_initialization=initialize,
         # Fused kernels are CUDA-only; TE brings its own fusions on GPU.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -107,13 +111,21 @@ def layer_spec(arch: ModelArch, plan: PrecisionPlan):
 
 def build_model_chunks(arch: ModelArch, parallel: ParallelConfig, precision: PrecisionConfig,
                        *, make_vocab_size_divisible_by: int = 128,
-                       caps: DeviceCaps | None = None) -> list[torch.nn.Module]:
-    """This rank's GPTModel chunks: one per virtual pipeline stage (one without VPP)."""
+                       caps: DeviceCaps | None = None, params_dtype: torch.dtype | None = None,
+                       initialize: bool = True) -> list[torch.nn.Module]:
+    """This rank's GPTModel chunks: one per virtual pipeline stage (one without VPP).
+
+    `params_dtype` overrides the precision plan's parameter dtype and `initialize=False` leaves the
+    weights uninitialised: checkpoint conversion holds weights at the checkpoint's dtype (bf16 on a
+    CPU too) and overwrites every one of them, without running the model.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     plan = plan_precision(precision, caps or DeviceCaps.detect())
-    config = transformer_config(arch, parallel, plan)
+    if params_dtype is not None:
+        plan = dataclasses.replace(plan, params_dtype=params_dtype)
+    config = transformer_config(arch, parallel, plan, initialize=initialize)
     spec = layer_spec(arch, plan)
     vocab = padded_vocab_size(arch.vocab_size, parallel.tensor_parallel,
                               make_vocab_size_divisible_by)

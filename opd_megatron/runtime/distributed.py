@@ -65,6 +65,13 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
+def current_device() -> torch.device:
+    """Where this rank's tensors live: its GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 

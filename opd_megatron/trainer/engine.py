@@ -12,6 +12,7 @@ import torch
 from opd_megatron.config.schema import OptimizerConfig, ParallelConfig, PrecisionConfig
 from opd_megatron.models.arch import ModelArch
 from opd_megatron.models.builder import build_model_chunks
+from opd_megatron.runtime.distributed import current_device
 from opd_megatron.trainer.schedule import LossFn, run_microbatches
 
 
@@ -41,12 +42,25 @@ class TrainableModel:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = run_microbatches(self.chunks, microbatches, loss_fn, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if _any_rank_nonfinite(metrics):
+            # Skip the update; the loop counts skipped steps and stops after too many in a row.
+            self.optimizer.zero_grad()
+            return metrics, {"grad_norm": float("nan"), "lr": float(lr), "update_applied": False,
+                             "skipped_nonfinite": 1}
         applied, grad_norm, _ = self.optimizer.step()
         if applied:
             self.scheduler.step(increment=1)
-        lr = self.optimizer.param_groups[0]["lr"]
         return metrics, {"grad_norm": float(grad_norm or 0.0), "lr": float(lr),
-                         "update_applied": bool(applied)}
+                         "update_applied": bool(applied), "skipped_nonfinite": 0}
+
+
+def _any_rank_nonfinite(metrics: list[dict]) -> bool:
+    local = any(isinstance(v, torch.Tensor) and not torch.isfinite(v).all()
+                for m in metrics for v in m.values())
+    flag = torch.tensor([float(local)], device=current_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def build_trainable(arch: ModelArch, parallel: ParallelConfig, precision: PrecisionConfig,

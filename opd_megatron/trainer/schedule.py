@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from opd_megatron.runtime.distributed import current_device
+
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
@@ -32,19 +34,15 @@ def model_inputs(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
 def run_microbatches(chunks: list[torch.nn.Module], microbatches: list[dict], loss_fn: LossFn,
-                     *, forward_only: bool, model_kwargs: dict | None = None) -> list[dict]:
+                     *, forward_only: bool) -> list[dict]:
     """Run every micro-batch (each a dict with at least `input_ids` [b, s]) through the model.
 
     All micro-batches of one call must share [b, s] (pipeline stages exchange fixed-shape
-    activations). `model_kwargs` go to every chunk's forward (the rollout engine passes its
-    KV-cache `inference_context` this way). Returns the metrics dict of each micro-batch on the
-    last pipeline stage, an empty list elsewhere.
+    activations). A micro-batch's optional `model_kwargs` dict goes to every chunk's forward
+    (the native rollout engine passes each micro-batch's KV-cache `inference_context` this way).
+    Returns the metrics dict of each micro-batch on the last pipeline stage, an empty list
+    elsewhere.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -55,7 +53,7 @@ def run_microbatches(chunks: list[torch.nn.Module], microbatches: list[dict], lo
         if tuple(mb["input_ids"].shape) != shape:
             raise ValueError(f"micro-batch {index} has input_ids shape "
                              f"{tuple(mb['input_ids'].shape)}, expected {shape}")
-    device = _device()
+    device = current_device()
 
     def loss_wrapper(mb: dict, output: torch.Tensor):
         loss_sum, num_tokens, metrics = loss_fn(output, mb)
@@ -66,7 +64,7 @@ def run_microbatches(chunks: list[torch.nn.Module], microbatches: list[dict], lo
               for k, v in next(data_iterator).items()}
         inputs = model_inputs(mb["input_ids"])
         output = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"],
-                       **(model_kwargs or {}))
+                       **mb.get("model_kwargs", {}))
         return output, partial(loss_wrapper, mb)
 
     num_chunks = len(chunks)

@@ -22,6 +22,11 @@ def test_defaults_chain_and_overrides(tmp_path):
     assert cfg.precision.precision == "bf16"
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    cfg = load_config(write(tmp_path, "a.yaml", "optimizer: {lr: 3e-3}\n"), RunConfig, ["optimizer.min_lr=1e-5"])
+    assert cfg.optimizer.lr == 3e-3 and cfg.optimizer.min_lr == 1e-5
+
+
 def test_int_is_accepted_for_float(tmp_path):
     cfg = load_config(write(tmp_path, "a.yaml", "optimizer: {lr: 1}\n"), RunConfig)
     assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)

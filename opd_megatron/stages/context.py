@@ -1,0 +1,46 @@
+"""What a stage is handed: config, model, tokenizer, data-parallel coordinates, rollout engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from opd_megatron.models.arch import ModelArch
+from opd_megatron.rollout.base import SamplingParams
+from opd_megatron.stages.config import StageConfig
+from opd_megatron.trainer.engine import TrainableModel
+
+
+@dataclass
+class StageContext:
+    cfg: StageConfig
+    arch: ModelArch
+    model: TrainableModel
+    tokenizer: object            # opd_megatron.data.tokenizer.Tokenizer
+    tokenizer_dir: str
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def per_rank_batch(self) -> int:
+        """Sequences (SFT) or prompts (RL stages) this DP rank handles per optimizer step."""
+        return self.cfg.trainer.global_batch_size // self.dp_size
+
+    @cached_property
+    def engine(self):
+        """The rollout engine over the live student weights."""
+        if self.cfg.rollout.engine == "vllm":
+            from opd_megatron.rollout.vllm_engine import VLLMRolloutEngine
+
+            return VLLMRolloutEngine.from_config(self.cfg, self.arch, self.tokenizer_dir)
+        from opd_megatron.rollout.native import NativeRolloutEngine
+
+        return NativeRolloutEngine(self.model.chunks, self.arch,
+                                   eos_token_ids=[self.tokenizer.eos_token_id],
+                                   pad_token_id=self.tokenizer.pad_token_id)
+
+    def training_sampling(self, step: int) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens, n=r.samples_per_prompt,
+                              seed=self.cfg.seed * 100003 + step * 1009 + self.dp_rank,
+                              return_top_k=r.return_top_k)

@@ -1,0 +1,252 @@
+"""Stages `opd` and `opsd`: the student samples, a teacher scores the exact student tokens, the
+student trains on `vocab_parallel_distill_loss` (LOSSES.md).
+
+- opd: the teacher is its own checkpoint (`teacher.megatron_dir`), same tokenizer, any size.
+- opsd: the teacher is the student's frozen initial weights (`teacher.source: initial`) or its
+  live weights (`live`), conditioned on privileged information in its prompt (`teacher.pi`).
+  OPD with `teacher.pi` set is the paper's OPD+PI arm.
+
+Teacher and student share the parallel layout, so teacher logits stay vocab-sharded exactly like
+the student's and teacher log-probs on the student's support are exact. The teacher builds no
+optimizer or gradient buffers.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+
+from opd_megatron.data.dataset import load_prompt_dataset
+from opd_megatron.data.encoding import encode_prompt
+from opd_megatron.data.privileged import PIConfig
+from opd_megatron.data.sampler import BatchSampler
+from opd_megatron.losses import vocab_parallel_distill_loss, vocab_parallel_logprobs
+from opd_megatron.rewards.scoring import RewardScorer
+from opd_megatron.runtime.distributed import current_device
+from opd_megatron.stages.alignment import gather_positions, response_index
+from opd_megatron.stages.batching import shifted_microbatches
+from opd_megatron.stages.evaluate import Evaluator
+from opd_megatron.stages.loop import is_metrics_reporter
+from opd_megatron.stages.rlvr import group_advantages
+from opd_megatron.stages.rollouts import response_diagnostics, sample_rollouts
+from opd_megatron.trainer.schedule import run_microbatches
+
+
+class TeacherHealthError(RuntimeError):
+    pass
+
+
+class TokenizerMismatchError(ValueError):
+    pass
+
+
+def tokenizer_fingerprint(directory: str | Path) -> str:
+    """Hash of the files that define a tokenizer's ids (tokenizer.json or tokenizer.model)."""
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+        path = Path(directory) / name
+        if path.is_file():
+            return f"{name}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    raise TokenizerMismatchError(f"{directory}: no tokenizer.json, tokenizer.model or vocab.json")
+
+
+def check_teacher_health(teacher_logprobs: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> str:
+    """'' if healthy, else why the teacher's log-probs on sampled tokens look broken.
+
+    A teacher that lost its weights gives the same log-prob everywhere, or -ln(V) (uniform).
+    """
+    values = teacher_logprobs[mask > 0]
+    if values.numel() < 2:
+        return ""
+    uniform = -math.log(vocab_size)
+    if (values - uniform).abs().max() < 1e-3:
+        return f"teacher log-probs all equal -ln(V) = {uniform:.4f}: a uniform teacher (lost weights?)"
+    if values.std() < 1e-6:
+        return f"teacher log-probs are constant ({values[0].item():.4f}) on every sampled token"
+    return ""
+
+
+class DistillStage:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        cfg = ctx.cfg
+        self.dataset = load_prompt_dataset(cfg.data.train_path, skip_bad_rows=cfg.data.skip_bad_rows)
+        self.sampler = BatchSampler(len(self.dataset), ctx.per_rank_batch, seed=cfg.seed,
+                                    dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+        self.evaluator = Evaluator(ctx)
+        pi = cfg.teacher.pi
+        self.pi = None if pi.mode == "none" else PIConfig(mode=pi.mode, system_prompt=pi.system_prompt,
+                                                          template=pi.template)
+        self.scorer = (RewardScorer(cfg.grpo.reward, on_error=cfg.grpo.reward_on_error)
+                       if cfg.distill.reward_weight > 0 else None)
+        self.teacher = self._build_teacher()
+
+    def _build_teacher(self) -> list[torch.nn.Module]:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        from opd_megatron.trainer.engine import build_frozen
+
+        if cfg.teacher.source == "live":
+            return ctx.model.chunks
+        if cfg.teacher.source == "initial":
+            chunks = build_frozen(ctx.arch, cfg.parallel, cfg.precision,
+                                  cfg.model.make_vocab_size_divisible_by)
+            for frozen, live in zip(chunks, ctx.model.chunks):
+                frozen.load_state_dict(live.module.state_dict())
+            return chunks
+        from opd_megatron.checkpoint.megatron_dist import load_model, read_arch
+        from opd_megatron.config.validate import validate_layout
+
+        teacher_dir = cfg.teacher.megatron_dir
+        arch = read_arch(teacher_dir)
+        if arch.vocab_size != ctx.arch.vocab_size or \
+                tokenizer_fingerprint(teacher_dir) != tokenizer_fingerprint(ctx.tokenizer_dir):
+            raise TokenizerMismatchError(
+                f"teacher.megatron_dir={teacher_dir}: its tokenizer differs from the student's "
+                f"({ctx.tokenizer_dir}); OPD needs the same token ids")
+        validate_layout(cfg.parallel, arch, torch.distributed.get_world_size(),
+                        cuda=torch.cuda.is_available(), where="teacher.megatron_dir")
+        chunks = build_frozen(arch, cfg.parallel, cfg.precision, cfg.model.make_vocab_size_divisible_by)
+        load_model(chunks, teacher_dir)
+        return chunks
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def _teacher_batches(self, batch) -> list[dict]:
+        ctx = self.ctx
+        seqs, masks, prompt_lens = [], [], []
+        for example, rollout in zip(batch.examples, batch.rollouts):
+            prompt = encode_prompt(ctx.tokenizer, example, self.pi)
+            seqs.append(prompt + rollout.response_ids)
+            masks.append([0] * len(prompt) + [1] * len(rollout.response_ids))
+            prompt_lens.append(len(prompt))
+        return shifted_microbatches(
+            seqs, masks, ctx.cfg.trainer.micro_batch_size, ctx.tokenizer.pad_token_id,
+            extra={"prompt_len": torch.tensor(prompt_lens),
+                   "response_len": torch.tensor([len(r.response_ids) for r in batch.rollouts])})
+
+    def _teacher_logits(self, teacher_mbs: list[dict]) -> list[torch.Tensor]:
+        def keep(logits, mb):
+            index, _ = response_index(mb["prompt_len"], mb["response_len"], logits.shape[1])
+            return logits.sum() * 0, torch.tensor(1), {"logits": gather_positions(logits.detach(), index)}
+
+        with torch.no_grad():
+            outputs = run_microbatches(self.teacher, teacher_mbs, keep, forward_only=True)
+        return [o["logits"] for o in outputs]
+
+    def _student_batches(self, batch) -> list[dict]:
+        mbs = self.ctx.cfg.trainer.micro_batch_size
+        prompt = torch.tensor([len(r.prompt_ids) for r in batch.rollouts])
+        response = torch.tensor([len(r.response_ids) for r in batch.rollouts])
+        for index, mb in enumerate(batch.microbatches):
+            rows = slice(index * mbs, (index + 1) * mbs)
+            mb["prompt_len"], mb["response_len"] = prompt[rows], response[rows]
+        return batch.microbatches
+
+    def _support_ids(self, rollouts) -> torch.Tensor:
+        k = self.ctx.cfg.distill.top_k
+        width = max(len(r.response_ids) for r in rollouts)
+        # Positions past a response are masked; distinct filler ids keep the support valid.
+        ids = torch.arange(k).repeat(len(rollouts), width, 1)
+        for row, rollout in enumerate(rollouts):
+            if rollout.top_k_ids:
+                ids[row, :len(rollout.top_k_ids)] = torch.tensor([p[:k] for p in rollout.top_k_ids])
+        return ids
+
+    def step(self, step: int) -> dict[str, float]:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        d, vocab = cfg.distill, ctx.arch.vocab_size
+        examples = [self.dataset[i] for i in self.sampler.next_batch()]
+        batch = sample_rollouts(ctx, examples, step)
+        student_mbs = self._student_batches(batch)
+        teacher_logits = self._teacher_logits(self._teacher_batches(batch))
+        mbs = cfg.trainer.micro_batch_size
+        support = self._support_ids(batch.rollouts) if d.support == "given" else None
+        advantages = None
+        rewards = None
+        if self.scorer is not None:
+            rewards = torch.tensor(self.scorer(batch.texts, batch.examples).scores)
+            n = cfg.rollout.samples_per_prompt
+            advantages = (group_advantages(rewards, n, cfg.grpo.normalize_std) if n > 1
+                          else rewards - rewards.mean())
+        for index, mb in enumerate(student_mbs):
+            if teacher_logits:
+                mb["teacher_logits"] = teacher_logits[index]
+            if support is not None:
+                mb["support_ids"] = support[index * mbs:(index + 1) * mbs]
+            if advantages is not None:
+                mb["advantages"] = advantages[index * mbs:(index + 1) * mbs]
+        health = self._check_teacher(student_mbs, teacher_logits, vocab)
+
+        def loss_fn(logits, mb):
+            index, mask = response_index(mb["prompt_len"], mb["response_len"], logits.shape[1])
+            student = gather_positions(logits, index)
+            sampled = gather_positions(mb["labels"], index)
+            support_ids = mb.get("support_ids")
+            if support_ids is not None:
+                support_ids = support_ids[:, :student.shape[1]]
+            per_token, m = vocab_parallel_distill_loss(
+                student, mb["teacher_logits"], loss=d.loss, top_k=d.top_k, support=d.support,
+                temperature=d.temperature, loss_mask=mask, sampled_ids=sampled,
+                support_ids=support_ids, beta=d.beta, vocab_size=vocab)
+            loss_sum = per_token.sum()
+            extra = {}
+            if "advantages" in mb:
+                logp = vocab_parallel_logprobs(student, sampled, vocab_size=vocab,
+                                               temperature=d.temperature)
+                # exp(logp - sg(logp)) is 1 in value with gradient grad(logp): REINFORCE.
+                policy = -(mb["advantages"][:, None] * torch.exp(logp - logp.detach()) * mask).sum()
+                loss_sum = loss_sum + d.reward_weight * policy
+                extra["policy_loss_sum"] = policy.detach()
+            return loss_sum, mask.sum(), {"loss_sum": loss_sum.detach(), "tokens": mask.sum(),
+                                          **{k: v.detach() for k, v in m.items()}, **extra}
+
+        outputs, info = ctx.model.train_step(student_mbs, loss_fn)
+        metrics = {"lr": info["lr"], "grad_norm": info["grad_norm"],
+                   "skipped_nonfinite": float(info["skipped_nonfinite"])}
+        if outputs and is_metrics_reporter():
+            tokens = sum(float(o["tokens"]) for o in outputs)
+            metrics["loss"] = sum(float(o["loss_sum"]) for o in outputs) / max(tokens, 1.0)
+            for key in outputs[0]:
+                if key not in ("loss_sum", "tokens", "policy_loss_sum"):
+                    metrics[key] = sum(float(o[key]) for o in outputs) / len(outputs)
+            metrics.update(health)
+            metrics.update(response_diagnostics(batch))
+            if rewards is not None:
+                metrics["reward"] = float(rewards.mean())
+            student_lp = [lp for r in batch.rollouts for lp in r.logprobs]
+            if student_lp and "teacher_logprob" in metrics:
+                metrics["student_logprob"] = sum(student_lp) / len(student_lp)
+                metrics["teacher_student_logprob_gap"] = (metrics["teacher_logprob"]
+                                                          - metrics["student_logprob"])
+        return metrics
+
+    def _check_teacher(self, student_mbs, teacher_logits, vocab) -> dict[str, float]:
+        """Teacher log-prob and teacher-student gap on sampled tokens; stops on a broken teacher."""
+        problem, stats = "", {}
+        if teacher_logits:
+            t_all, s_all, m_all = [], [], []
+            for mb, t_logits in zip(student_mbs, teacher_logits):
+                index, mask = response_index(mb["prompt_len"], mb["response_len"],
+                                             mb["labels"].shape[1])
+                sampled = gather_positions(mb["labels"], index)
+                t_all.append(vocab_parallel_logprobs(t_logits, sampled, vocab_size=vocab,
+                                                     temperature=self.ctx.cfg.teacher.temperature)[mask > 0])
+                m_all.append(mask[mask > 0])
+            t_lp = torch.cat(t_all)
+            problem = check_teacher_health(t_lp, torch.cat(m_all), vocab)
+            stats["teacher_logprob"] = float(t_lp.mean()) if t_lp.numel() else 0.0
+        flag = torch.tensor([1.0 if problem else 0.0], device=current_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise TeacherHealthError(problem or "teacher health check failed on another rank")
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        return self.evaluator.run()
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])

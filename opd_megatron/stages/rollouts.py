@@ -1,0 +1,69 @@
+"""Rollout batches shared by the RL stages: sample, decode, build trainable sequences, score
+tokens with a (frozen or live) model, and the per-response diagnostics LOSSES.md asks for."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd_megatron.data.encoding import encode_prompt
+from opd_megatron.data.tiny_tokenizer import HEDGING_WORDS
+from opd_megatron.losses import vocab_parallel_logprobs
+from opd_megatron.rollout.base import Rollout
+from opd_megatron.stages.batching import shifted_microbatches
+from opd_megatron.trainer.schedule import run_microbatches
+
+
+@dataclass
+class RolloutBatch:
+    examples: list            # PromptExample per rollout
+    rollouts: list[Rollout]
+    texts: list[str]
+    microbatches: list[dict]  # student sequences: prompt + response, loss on response tokens
+
+
+def sample_rollouts(ctx, examples: list, step: int) -> RolloutBatch:
+    prompts = [encode_prompt(ctx.tokenizer, ex) for ex in examples]
+    for chunk in ctx.model.chunks:
+        chunk.eval()
+    rollouts = ctx.engine.generate(prompts, ctx.training_sampling(step))
+    texts = [ctx.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+    seqs = [r.prompt_ids + r.response_ids for r in rollouts]
+    masks = [[0] * len(r.prompt_ids) + [1] * len(r.response_ids) for r in rollouts]
+    microbatches = shifted_microbatches(seqs, masks, ctx.cfg.trainer.micro_batch_size,
+                                        ctx.tokenizer.pad_token_id)
+    return RolloutBatch(examples=[examples[r.prompt_index] for r in rollouts], rollouts=rollouts,
+                        texts=texts, microbatches=microbatches)
+
+
+def token_logprobs(chunks, microbatches: list[dict], vocab_size: int,
+                   temperature: float = 1.0) -> list[torch.Tensor]:
+    """Forward-only log p(labels) [b, s] per micro-batch (last pipeline stage; [] elsewhere)."""
+
+    def keep(logits, mb):
+        logp = vocab_parallel_logprobs(logits.detach(), mb["labels"], vocab_size=vocab_size,
+                                       temperature=temperature)
+        return logp.sum() * 0, torch.tensor(1), {"logprobs": logp.cpu()}
+
+    with torch.no_grad():
+        outputs = run_microbatches(chunks, microbatches, keep, forward_only=True)
+    return [o["logprobs"] for o in outputs]
+
+
+def ngram_repetition(ids: list[int], n: int = 3) -> float:
+    """Fraction of n-grams in a response that repeat an earlier n-gram of it."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def response_diagnostics(batch: RolloutBatch) -> dict[str, float]:
+    count = max(len(batch.rollouts), 1)
+    words = [t.lower().split() for t in batch.texts]
+    total_words = max(sum(len(w) for w in words), 1)
+    hedges = sum(1 for ws in words for w in ws if w.strip(",.!?") in HEDGING_WORDS)
+    return {
+        "response_length": sum(len(r.response_ids) for r in batch.rollouts) / count,
+        "repetition_3gram": sum(ngram_repetition(r.response_ids) for r in batch.rollouts) / count,
+        "hedging_frequency": hedges / total_words,
+        "truncated_fraction": sum(r.finish_reason == "length" for r in batch.rollouts) / count,
+    }

@@ -1,0 +1,65 @@
+"""Start a stage: validate, initialize, build the student, resume or load, then run the loop."""
+from __future__ import annotations
+
+from opd_megatron.models.arch import ModelArch
+from opd_megatron.stages.config import StageConfig, validate_stage_config
+
+
+def stage_class(name: str):
+    if name == "sft":
+        from opd_megatron.stages.sft import SFTStage
+        return SFTStage
+    if name == "rlvr":
+        from opd_megatron.stages.rlvr import RLVRStage
+        return RLVRStage
+    from opd_megatron.stages.distill import DistillStage
+    return DistillStage
+
+
+def data_parallel_size(cfg: StageConfig, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel)
+
+
+def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
+    from opd_megatron.runtime.distributed import world_size_from_env
+
+    validate_stage_config(cfg, data_parallel_size(cfg, world_size_from_env()), where)
+    from megatron.core import parallel_state as ps
+
+    from opd_megatron.checkpoint.megatron_dist import load_model
+    from opd_megatron.data.tokenizer import load_tokenizer
+    from opd_megatron.runtime import distributed as rd
+    from opd_megatron.stages.context import StageContext
+    from opd_megatron.stages.loop import run_loop
+    from opd_megatron.trainer.checkpointing import latest_checkpoint, load_checkpoint
+    from opd_megatron.trainer.engine import build_trainable
+
+    rd.initialize(cfg.parallel, cfg.seed)
+    try:
+        tokenizer_dir = cfg.data.tokenizer or cfg.model.megatron_dir or cfg.model.hf_dir
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model = build_trainable(arch, cfg.parallel, cfg.precision, cfg.optimizer,
+                                cfg.trainer.steps, cfg.model.make_vocab_size_divisible_by)
+        ctx = StageContext(cfg=cfg, arch=arch, model=model, tokenizer=tokenizer,
+                           tokenizer_dir=str(tokenizer_dir), dp_rank=ps.get_data_parallel_rank(),
+                           dp_size=ps.get_data_parallel_world_size())
+        resume = None
+        if cfg.trainer.resume == "auto":
+            resume = latest_checkpoint(f"{cfg.output_dir}/checkpoints")
+        elif cfg.trainer.resume != "none":
+            resume = cfg.trainer.resume
+        if cfg.model.megatron_dir:
+            load_model(model.chunks, cfg.model.megatron_dir)
+        # The stage is built from the initial weights (OPSD's frozen teacher copies them).
+        stage = stage_class(cfg.stage)(ctx)
+        start = 0
+        if resume is not None:
+            state = load_checkpoint(resume, model)
+            stage.load_state_dict(state["stage"])
+            start = state["iteration"]
+        result = run_loop(cfg, stage, model, start_step=start, tokenizer_dir=str(tokenizer_dir))
+        result["final_eval"] = stage.evaluate() if cfg.data.eval_path else {}
+        return result
+    finally:
+        rd.shutdown()

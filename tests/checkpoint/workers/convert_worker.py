@@ -1,0 +1,42 @@
+"""Convert HF -> Megatron -> HF for every job in a JSON file, in one process (see conftest.py).
+
+Each job: {"hf": dir, "megatron": dir, "hf_out": dir, "force": bool}. Prints one JSON line: per
+job, the largest absolute value in the padding rows of the Megatron vocabulary tensors.
+"""
+import json
+import sys
+
+import torch
+
+from opd_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from opd_megatron.checkpoint.megatron_dist import MODEL_SUBDIR, read_arch
+from opd_megatron.runtime import distributed
+
+
+def padding_max(megatron_dir: str) -> float:
+    from megatron.core import dist_checkpointing
+
+    vocab = read_arch(megatron_dir).vocab_size
+    tensors = dist_checkpointing.load_plain_tensors(f"{megatron_dir}/{MODEL_SUBDIR}")
+    rows = [t[vocab:] for k, t in tensors.items()
+            if k in ("embedding.word_embeddings.weight", "output_layer.weight")]
+    assert rows and all(r.shape[0] > 0 for r in rows), "expected padded vocabulary rows"
+    return max(float(r.abs().max()) for r in rows)
+
+
+def main():
+    jobs = json.loads(open(sys.argv[1]).read())
+    report = {}
+    for name, job in jobs.items():
+        convert_hf_to_megatron(job["hf"], job["megatron"], force=job.get("force", False),
+                               progress=False)
+        convert_megatron_to_hf(job["megatron"], job["hf_out"], max_shard_size="50KB",
+                               progress=False)
+        report[name] = {"padding_max": padding_max(job["megatron"])}
+    distributed.shutdown()
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
