@@ -30,7 +30,7 @@ from opd_megatron.checkpoint.megatron_dist import (
     MODEL_SUBDIR,
     CheckpointError,
     ConversionError,
-    load_model,
+    load_full_tensors,
     read_arch,
     save_model,
     write_metadata,
@@ -85,10 +85,9 @@ def _progress(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
-def _single_process_model(arch: ModelArch, dtype: torch.dtype, padded_vocab: int):
-    """Uninitialised TP1PP1 GPTModel with parameters at `dtype` (a 1-rank process group)."""
-    from opd_megatron.config.schema import ParallelConfig, PrecisionConfig
-    from opd_megatron.models.builder import build_model_chunks
+def _one_process_group() -> None:
+    """dist_checkpointing needs a process group: a one-rank one (TP=1, PP=1)."""
+    from opd_megatron.config.schema import ParallelConfig
     from opd_megatron.runtime import distributed
 
     world = distributed.world_size_from_env()
@@ -96,6 +95,14 @@ def _single_process_model(arch: ModelArch, dtype: torch.dtype, padded_vocab: int
         raise ConversionError(f"conversion runs in one process, got WORLD_SIZE={world} "
                               "(run it with python, not torchrun)")
     distributed.initialize(ParallelConfig(), seed=0)
+
+
+def _single_process_model(arch: ModelArch, dtype: torch.dtype, padded_vocab: int):
+    """Uninitialised TP1PP1 GPTModel with parameters at `dtype`, and its parameters by name."""
+    from opd_megatron.config.schema import ParallelConfig, PrecisionConfig
+    from opd_megatron.models.builder import build_model_chunks
+
+    _one_process_group()
     # padded_vocab itself as the divisor yields exactly padded_vocab rows (vocab <= padded).
     chunks = build_model_chunks(arch, ParallelConfig(), PrecisionConfig(), params_dtype=dtype,
                                 initialize=False, make_vocab_size_divisible_by=padded_vocab)
@@ -169,25 +176,11 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
             for piece in mapping.pieces:
                 reader.read_into(piece.hf_name, piece.view(params[piece.megatron_name]))
                 bar.update(reader.info(piece.hf_name).nbytes)
-        save_model(chunks, tmp)
+        save_model(chunks, tmp, release_params=True)
         write_metadata(tmp, arch, dtype=hf_io.dtype_name(target), source=str(hf_dir.absolute()))
         hf_io.copy_side_files(hf_dir, tmp)
     return ConversionSummary("hf->megatron", Path(out_dir), len(mapping.pieces), nbytes,
                              time.time() - start)
-
-
-def stored_layout(megatron_dir: Path) -> tuple[torch.dtype, int]:
-    """(parameter dtype, padded vocabulary rows) as saved in the distributed checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    model_dir = megatron_dir / MODEL_SUBDIR
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: no model weights in checkpoint {megatron_dir}")
-    meta = dist_checkpointing.load_tensors_metadata(str(model_dir))
-    embedding = meta.get("embedding.word_embeddings.weight")
-    if embedding is None:
-        raise CheckpointError(f"{model_dir}: no embedding.word_embeddings.weight in the checkpoint")
-    return embedding.dtype, embedding.global_shape[0]
 
 
 def _generation_config(arch: ModelArch) -> dict:
@@ -204,27 +197,30 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *,
                            progress: bool = True) -> ConversionSummary:
     """Megatron checkpoint (any saved layout) -> HF safetensors that transformers loads.
 
-    `dtype` (bf16/fp16/fp32) defaults to the dtype the checkpoint was saved in.
+    No model is built: the checkpoint's full tensors are loaded as saved (one copy of the
+    weights; loading into a model would add a merged copy of every SwiGLU fc1) and streamed
+    through the mapping. `dtype` (bf16/fp16/fp32) defaults to the embedding's saved dtype.
     """
     start = time.time()
     megatron_dir = Path(megatron_dir)
     max_shard_bytes = hf_io.parse_size(max_shard_size)
     arch = _arch_of(read_arch, megatron_dir)
-    stored, padded_vocab = stored_layout(megatron_dir)
-    out_dtype = DTYPES[dtype] if dtype else stored
-    mapping = mapping_for(arch, padded_vocab)
+    _one_process_group()
+    tensors = list(load_full_tensors(megatron_dir))
+    if not tensors or tensors[0][0] != "embedding.word_embeddings.weight":
+        raise CheckpointError(f"{megatron_dir / MODEL_SUBDIR}: no embedding.word_embeddings.weight")
+    embedding = tensors[0][1]
+    out_dtype = DTYPES[dtype] if dtype else embedding.dtype
+    mapping = mapping_for(arch, padded_vocab=embedding.shape[0])
     with staged_output(out_dir, force) as tmp:
-        chunks, params = _single_process_model(arch, stored, padded_vocab)
-        _check_params(params, mapping)
-        load_model(chunks, megatron_dir)
         specs = [(name, shape, out_dtype) for name, shape in mapping.hf_specs()]
         with hf_io.ShardedWriter(tmp, specs, max_shard_bytes) as writer, \
                 _progress(writer.total_bytes, "write HF", progress) as bar:
-            stream = megatron_to_hf_tensors(arch, params.items(), padded_vocab)
-            for name, tensor in stream:
+            for name, tensor in megatron_to_hf_tensors(arch, tensors, mapping.padded_vocab):
                 writer.write(name, tensor.to(out_dtype))
                 bar.update(tensor.numel() * out_dtype.itemsize)
             writer.finish()
+        del tensors, embedding
         config = {**arch.to_hf_dict(), "dtype": hf_io.dtype_name(out_dtype),
                   # transformers 4.x (what vLLM pins) reads the older key.
                   "torch_dtype": hf_io.dtype_name(out_dtype)}

@@ -67,6 +67,31 @@ def check_teacher_health(teacher_logprobs: torch.Tensor, mask: torch.Tensor, voc
     return ""
 
 
+def teacher_microbatches(tokenizer, pi: PIConfig | None, batch, micro_batch_size: int) -> list[dict]:
+    """The teacher's view of a rollout batch: its own prompt (with PI, if any) + the student's
+    exact response tokens, with the lengths `response_index` needs."""
+    seqs, masks, prompt_lens = [], [], []
+    for example, rollout in zip(batch.examples, batch.rollouts):
+        prompt = encode_prompt(tokenizer, example, pi)
+        seqs.append(prompt + rollout.response_ids)
+        masks.append([0] * len(prompt) + [1] * len(rollout.response_ids))
+        prompt_lens.append(len(prompt))
+    return shifted_microbatches(
+        seqs, masks, micro_batch_size, tokenizer.pad_token_id,
+        extra={"prompt_len": torch.tensor(prompt_lens),
+               "response_len": torch.tensor([len(r.response_ids) for r in batch.rollouts])})
+
+
+def student_microbatches(batch, micro_batch_size: int) -> list[dict]:
+    """The rollout batch's student micro-batches, annotated with prompt and response lengths."""
+    prompt = torch.tensor([len(r.prompt_ids) for r in batch.rollouts])
+    response = torch.tensor([len(r.response_ids) for r in batch.rollouts])
+    for index, mb in enumerate(batch.microbatches):
+        rows = slice(index * micro_batch_size, (index + 1) * micro_batch_size)
+        mb["prompt_len"], mb["response_len"] = prompt[rows], response[rows]
+    return batch.microbatches
+
+
 class DistillStage:
     def __init__(self, ctx):
         self.ctx = ctx
@@ -112,19 +137,6 @@ class DistillStage:
 
     # --- one step -----------------------------------------------------------------------------
 
-    def _teacher_batches(self, batch) -> list[dict]:
-        ctx = self.ctx
-        seqs, masks, prompt_lens = [], [], []
-        for example, rollout in zip(batch.examples, batch.rollouts):
-            prompt = encode_prompt(ctx.tokenizer, example, self.pi)
-            seqs.append(prompt + rollout.response_ids)
-            masks.append([0] * len(prompt) + [1] * len(rollout.response_ids))
-            prompt_lens.append(len(prompt))
-        return shifted_microbatches(
-            seqs, masks, ctx.cfg.trainer.micro_batch_size, ctx.tokenizer.pad_token_id,
-            extra={"prompt_len": torch.tensor(prompt_lens),
-                   "response_len": torch.tensor([len(r.response_ids) for r in batch.rollouts])})
-
     def _teacher_logits(self, teacher_mbs: list[dict]) -> list[torch.Tensor]:
         def keep(logits, mb):
             index, _ = response_index(mb["prompt_len"], mb["response_len"], logits.shape[1])
@@ -133,15 +145,6 @@ class DistillStage:
         with torch.no_grad():
             outputs = run_microbatches(self.teacher, teacher_mbs, keep, forward_only=True)
         return [o["logits"] for o in outputs]
-
-    def _student_batches(self, batch) -> list[dict]:
-        mbs = self.ctx.cfg.trainer.micro_batch_size
-        prompt = torch.tensor([len(r.prompt_ids) for r in batch.rollouts])
-        response = torch.tensor([len(r.response_ids) for r in batch.rollouts])
-        for index, mb in enumerate(batch.microbatches):
-            rows = slice(index * mbs, (index + 1) * mbs)
-            mb["prompt_len"], mb["response_len"] = prompt[rows], response[rows]
-        return batch.microbatches
 
     def _support_ids(self, rollouts) -> torch.Tensor:
         k = self.ctx.cfg.distill.top_k
@@ -158,9 +161,10 @@ class DistillStage:
         d, vocab = cfg.distill, ctx.arch.vocab_size
         examples = [self.dataset[i] for i in self.sampler.next_batch()]
         batch = sample_rollouts(ctx, examples, step)
-        student_mbs = self._student_batches(batch)
-        teacher_logits = self._teacher_logits(self._teacher_batches(batch))
         mbs = cfg.trainer.micro_batch_size
+        student_mbs = student_microbatches(batch, mbs)
+        teacher_logits = self._teacher_logits(
+            teacher_microbatches(ctx.tokenizer, self.pi, batch, mbs))
         support = self._support_ids(batch.rollouts) if d.support == "given" else None
         advantages = None
         rewards = None

@@ -27,11 +27,15 @@ def sample_rollouts(ctx, examples: list, step: int) -> RolloutBatch:
     for chunk in ctx.model.chunks:
         chunk.eval()
     rollouts = ctx.engine.generate(prompts, ctx.training_sampling(step))
-    texts = [ctx.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+    return rollout_batch(ctx.tokenizer, examples, rollouts, ctx.cfg.trainer.micro_batch_size)
+
+
+def rollout_batch(tokenizer, examples: list, rollouts: list[Rollout],
+                  micro_batch_size: int) -> RolloutBatch:
+    texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
     seqs = [r.prompt_ids + r.response_ids for r in rollouts]
     masks = [[0] * len(r.prompt_ids) + [1] * len(r.response_ids) for r in rollouts]
-    microbatches = shifted_microbatches(seqs, masks, ctx.cfg.trainer.micro_batch_size,
-                                        ctx.tokenizer.pad_token_id)
+    microbatches = shifted_microbatches(seqs, masks, micro_batch_size, tokenizer.pad_token_id)
     return RolloutBatch(examples=[examples[r.prompt_index] for r in rollouts], rollouts=rollouts,
                         texts=texts, microbatches=microbatches)
 

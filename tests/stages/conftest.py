@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from opd_megatron.data.synthetic import addition_problems, prompt_rows, sft_rows, write_jsonl
-from tests.launch import REPO_ROOT
+from tests.launch import REPO_ROOT, last_json, torchrun
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
@@ -39,3 +39,28 @@ def stage_overrides(root, data, out, **extra):
     values = {"model.megatron_dir": str(root / "student"), "data.eval_path": str(data["eval"]),
               "output_dir": str(out), "trainer.tensorboard": "false", **extra}
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def train(nproc, *overrides):
+    """`python -m opd_megatron train` on `nproc` ranks; fails the test with its output."""
+    if nproc == 1:
+        proc = subprocess.run([sys.executable, "-m", "opd_megatron", "train", *overrides],
+                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        return proc
+    return torchrun("opd_megatron", nproc, "train", *overrides, module=True, timeout=900)
+
+
+def sft_args(tiny_world, out, **extra):
+    root, data = tiny_world
+    return ["--config", "conf/sft_tiny_cpu_tp1.yaml",
+            *stage_overrides(root, data, out, **{"data.train_path": data["sft"], **extra})]
+
+
+@pytest.fixture(scope="session")
+def sft_run(tiny_world, tmp_path_factory):
+    """The tiny student after SFT (150 steps), with accuracy measured before and after."""
+    out = tmp_path_factory.mktemp("sft_tp1")
+    result = last_json(train(1, *sft_args(tiny_world, out, **{
+        "trainer.steps": 150, "trainer.eval_every": 150, "eval.num_examples": 48})).stdout)
+    return out, result

@@ -1,40 +1,12 @@
 """SFT drives the loss down and raises exact-match accuracy, at TP=1 and TP=2; resume is exact."""
-import json
-import subprocess
-import sys
-
 import pytest
 
 from opd_megatron.trainer.metrics import read_metrics
-from tests.launch import REPO_ROOT, last_json, torchrun
-from tests.stages.conftest import stage_overrides
+from tests.stages.conftest import sft_args, train
 
 
-def train(nproc, *overrides):
-    if nproc == 1:
-        proc = subprocess.run([sys.executable, "-m", "opd_megatron", "train", *overrides],
-                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-5000:]
-        return proc
-    return torchrun("opd_megatron", nproc, "train", *overrides, module=True, timeout=900)
-
-
-def sft_args(tiny_world, out, **extra):
-    root, data = tiny_world
-    return ["--config", "conf/sft_tiny_cpu_tp1.yaml",
-            *stage_overrides(root, data, out, **{"data.train_path": data["sft"], **extra})]
-
-
-@pytest.fixture(scope="module")
-def sft_tp1(tiny_world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft_tp1")
-    result = last_json(train(1, *sft_args(tiny_world, out, **{
-        "trainer.steps": 150, "trainer.eval_every": 150, "eval.num_examples": 48})).stdout)
-    return out, result
-
-
-def test_sft_loss_falls_and_accuracy_rises_tp1(sft_tp1):
-    out, result = sft_tp1
+def test_sft_loss_falls_and_accuracy_rises_tp1(sft_run):
+    out, result = sft_run
     history = read_metrics(out / "metrics.jsonl")
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < 0.5 * losses[0]
@@ -44,9 +16,9 @@ def test_sft_loss_falls_and_accuracy_rises_tp1(sft_tp1):
     assert (out / "checkpoints" / "latest" / "model").is_dir()
 
 
-def test_sft_at_tp2_matches_tp1_loss_curve(tiny_world, sft_tp1, tmp_path):
+def test_sft_at_tp2_matches_tp1_loss_curve(tiny_world, sft_run, tmp_path):
     """Same data, same weights: TP=2 follows TP=1's losses step for step."""
-    out_tp1, _ = sft_tp1
+    out_tp1, _ = sft_run
     train(2, *sft_args(tiny_world, tmp_path, **{"trainer.steps": 10,
                                                  "parallel.tensor_parallel": 2}))
     tp2 = [h["loss"] for h in read_metrics(tmp_path / "metrics.jsonl")]
