@@ -17,7 +17,8 @@ setup: $(PY)
 smoke: setup
 	$(PY) -m opd_megatron smoke --config conf/smoke_tiny.yaml
 
-demo: smoke
+demo: setup
+	OMP_NUM_THREADS=1 $(PY) tools/run_demo.py
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests

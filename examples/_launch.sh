@@ -6,8 +6,8 @@
 # Outside torchrun it starts torchrun for this node from the usual variables:
 #   NNODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
 #   GPUS_PER_NODE (the GPUs nvidia-smi lists, else 1)
-# Under torchrun (`torchrun ... --no-python examples/run_opd.sh RECIPE`, or srun/mpirun setups
-# that already started one process per GPU) it execs the entry point directly.
+# Under torchrun (`torchrun ... --no-python examples/run_opd.sh RECIPE`, or any launcher that
+# started one process per GPU and exported RANK, LOCAL_RANK, WORLD_SIZE) it execs the entry point.
 # --dry-run prints the command instead of running it. PYTHON overrides the interpreter and
 # TORCHRUN the launcher.
 

@@ -5,7 +5,8 @@
 Builds a synthetic Llama-shaped bf16 HF checkpoint (default ~1.1B parameters: hidden 2048, 16
 layers, FFN 8192, vocab 32000, untied) straight from random tensors, then measures, each in a fresh
 process:
-  plain copy:    safetensors `load_file` + `save_file`, shard by shard (the reference);
+  plain copy:    safetensors `load_file` + `save_file`, shard by shard (the reference), also
+                 with an fsync per file (dist_checkpointing fsyncs what it writes);
   hf->megatron:  tools/convert_hf_to_megatron.py's conversion;
   megatron->hf:  tools/convert_megatron_to_hf.py's conversion.
 Seconds are those of the work itself (imports and process start excluded, reported separately as
@@ -59,7 +60,7 @@ def build_synthetic(hf_dir: Path, config: dict, shard_size: str) -> int:
     return writer.total_bytes
 
 
-def plain_copy(src: Path, dst: Path) -> None:
+def plain_copy(src: Path, dst: Path, fsync: bool) -> None:
     from safetensors.torch import load_file, save_file
 
     dst.mkdir(parents=True)
@@ -67,6 +68,9 @@ def plain_copy(src: Path, dst: Path) -> None:
         tensors = load_file(f)
         save_file(tensors, dst / f.name, metadata={"format": "pt"})
         del tensors
+        if fsync:
+            with open(dst / f.name, "rb") as written:
+                os.fsync(written.fileno())
     for f in src.glob("*.json"):
         shutil.copy2(f, dst / f.name)
 
@@ -75,16 +79,16 @@ def run_step(step: str, src: str, dst: str) -> None:
     """One measured step, in this (fresh) process; prints a JSON line."""
     from opd_megatron.checkpoint import convert
 
-    start = time.time()
-    if step == "plain copy":
-        plain_copy(Path(src), Path(dst))
+    start, phases = time.time(), {}
+    if step.startswith("plain copy"):
+        plain_copy(Path(src), Path(dst), fsync="fsync" in step)
     elif step == "hf->megatron":
-        convert.convert_hf_to_megatron(src, dst, progress=False)
+        phases = convert.convert_hf_to_megatron(src, dst, progress=False).phases
     else:
-        convert.convert_megatron_to_hf(src, dst, progress=False)
+        phases = convert.convert_megatron_to_hf(src, dst, progress=False).phases
     seconds = time.time() - start
     kib = 1024
-    print(json.dumps({"seconds": seconds,
+    print(json.dumps({"seconds": seconds, "phases": phases,
                       "rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib,
                       "rss_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib}),
           flush=True)
@@ -115,12 +119,13 @@ def table(rows: dict, nbytes: int, params: int, base: int) -> str:
     lines = [f"Synthetic Llama-shaped bf16 checkpoint: {params / 1e9:.2f}B parameters, "
              f"{nbytes / GB:.2f} GB; imports alone (torch + megatron-core): "
              f"{base / GB:.2f} GB RSS.", "",
-             "| step | seconds | GB/s | speed vs faster plain copy | peak RSS (GB) | x checkpoint | "
-             "largest child RSS (GB) | wall incl. start-up (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| step | seconds | GB/s | speed vs faster plain copy | phases (s) | peak RSS (GB) | "
+             "x checkpoint | largest child RSS (GB) | wall incl. start-up (s) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for step, r in rows.items():
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items()) or "-"
         lines.append(f"| {step} | {r['seconds']:.1f} | {nbytes / GB / r['seconds']:.2f} | "
-                     f"{plain / r['seconds']:.2f} | {r['rss_self'] / GB:.2f} | "
+                     f"{plain / r['seconds']:.2f} | {phases} | {r['rss_self'] / GB:.2f} | "
                      f"{r['rss_self'] / nbytes:.2f} | {r['rss_child'] / GB:.2f} | {r['wall']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -148,14 +153,14 @@ def main() -> int:
     params = nbytes // 2
     rows = {}
     try:
-        for step, src, dst in (("plain copy", "hf", "hf_copy"),
+        for step, src, dst in (("plain copy", "hf", "copy"),
+                               ("plain copy + fsync", "hf", "copy_fsync"),
                                ("hf->megatron", "hf", "megatron"),
-                               ("megatron->hf", "megatron", "hf_back")):
+                               ("megatron->hf", "megatron", "hf_back"),
+                               # The reference again: the spread of the two shows the noise.
+                               ("plain copy (again)", "hf", "copy_again")):
             rows[step] = measure(step, work / src, work / dst)
             print(f"{step}: {json.dumps(rows[step])}", flush=True)
-        # The reference again, after the conversions: the spread of the two shows the noise.
-        shutil.rmtree(work / "hf_copy")
-        rows["plain copy (again)"] = measure("plain copy", work / "hf", work / "hf_copy")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opd_megatron.checkpoint.convert import main  # noqa: E402
+# dist_checkpointing starts a multiprocessing Manager (spawn), which re-runs this file's top level:
+# import nothing heavy outside the guard.
+if __name__ == "__main__":
+    from opd_megatron.checkpoint.convert import main
 
-if __name__ == "__main__":  # dist_checkpointing's writer starts worker processes
     sys.exit(main("hf-to-megatron"))

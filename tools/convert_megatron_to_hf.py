@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opd_megatron.checkpoint.convert import main  # noqa: E402
+if __name__ == "__main__":
+    from opd_megatron.checkpoint.convert import main
 
-if __name__ == "__main__":  # dist_checkpointing's loader starts worker processes
     sys.exit(main("megatron-to-hf"))

@@ -161,9 +161,10 @@ def loss_check(device: str, loss: str):
         got_loss, got_grad = run(torch.float32, device)
         loss_err = float((got_loss - ref_loss).abs().max() / ref_loss.abs().max().clamp_min(1e-12))
         grad_err = float((got_grad - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1e-12))
+        detail = f"fp32 {device} vs fp64 CPU: loss {loss_err:.1e}, grad {grad_err:.1e}"
         if max(loss_err, grad_err) > 1e-4:
-            raise RuntimeError(f"fp32 {device} vs fp64 CPU: loss {loss_err:.1e}, grad {grad_err:.1e}")
-        return f"fp32 {device} vs fp64 CPU: loss {loss_err:.1e}, grad {grad_err:.1e}"
+            raise RuntimeError(detail)
+        return detail
     return check
 
 
@@ -211,25 +212,25 @@ def opd_step_check(device: str, state: dict):
                 raise RuntimeError("the optimizer skipped the update")
         if not losses[-1] < losses[0]:
             raise RuntimeError(f"loss did not decrease: {losses}")
-        return f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in 5 steps, grad_norm {info['grad_norm']:.3f}"
+        return (f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in 5 steps, "
+                f"grad_norm {info['grad_norm']:.3f}")
     return check
 
 
-def _score(chunks):
-    """Megatron's teacher-forced log-probs of each rollout's response tokens."""
-    from opd_megatron.rollout.base import Rollout
+def score_rollouts(chunks, vocab_size: int, temperature: float = 1.0):
+    """`score(rollouts)`: Megatron's teacher-forced log-probs of each rollout's response tokens,
+    the trainer side of `verify_refit` (collective over the model replica)."""
     from opd_megatron.stages.batching import shifted_microbatches
     from opd_megatron.stages.rollouts import token_logprobs
 
-    def score(rollouts: list[Rollout]) -> list[list[float]]:
+    def score(rollouts) -> list[list[float]]:
         out = []
         for r in rollouts:
-            seq = r.prompt_ids + r.response_ids
             mask = [0] * len(r.prompt_ids) + [1] * len(r.response_ids)
-            mbs = [{k: v.cuda() for k, v in mb.items()}
-                   for mb in shifted_microbatches([seq], [mask], 1, pad_id=0)]
-            logp = token_logprobs(chunks, mbs, ARCH.vocab_size)[0][0]
-            out.append(logp[-len(r.response_ids):].tolist() if r.response_ids else [])
+            mbs = shifted_microbatches([r.prompt_ids + r.response_ids], [mask], 1, pad_id=0)
+            logp = token_logprobs(chunks, mbs, vocab_size, temperature)
+            # [] off the last pipeline stage; labels are shifted, so the response is the tail.
+            out.append(logp[0][0, len(r.prompt_ids) - 1:].tolist() if logp else [])
         return out
     return score
 
@@ -253,7 +254,7 @@ def vllm_check(device: str, state: dict):
             ARCH, chunks=chunks)
         prompts = _tokens(2)[:, :16].tolist()
         sampling = SamplingParams(temperature=1.0, max_new_tokens=32, n=2, seed=0)
-        metrics = verify_refit(engine, prompts, sampling, _score(chunks))
+        metrics = verify_refit(engine, prompts, sampling, score_rollouts(chunks, ARCH.vocab_size))
         refit = engine.last_refit
         if metrics["gen_kl_error"] > 1e-2:
             raise RuntimeError(f"gen_kl_error {metrics['gen_kl_error']:.2e} > 1e-2: the refit "

@@ -36,7 +36,8 @@ def check_gpu_stack():
     try:
         import modelopt.torch.quantization as mtq
     except ImportError as err:
-        raise ToolError(f"FP8 quantization needs nvidia-modelopt ({err}); {MODELOPT_HINT}") from None
+        message = f"FP8 quantization needs nvidia-modelopt ({err}); {MODELOPT_HINT}"
+        raise ToolError(message) from None
     return mtq
 
 

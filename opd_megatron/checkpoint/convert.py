@@ -48,11 +48,29 @@ class ConversionSummary:
     tensors: int
     bytes: int
     seconds: float
+    phases: dict[str, float]  # seconds of each phase, in order
 
     def line(self) -> str:
         gb = self.bytes / 1e9
+        phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in self.phases.items())
         return (f"{self.direction}: {self.tensors} tensors, {gb:.3f} GB in {self.seconds:.1f} s "
-                f"({gb / max(self.seconds, 1e-9):.2f} GB/s) -> {self.out_dir}")
+                f"({gb / max(self.seconds, 1e-9):.2f} GB/s; {phases}) -> {self.out_dir}")
+
+
+class _Clock:
+    """Seconds spent in each named phase."""
+
+    def __init__(self):
+        self.start = self._last = time.time()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.phases[name] = now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        return time.time() - self.start
 
 
 @contextlib.contextmanager
@@ -158,7 +176,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
 
     `dtype` (bf16/fp16/fp32) defaults to the HF config's dtype, else the tensors' own.
     """
-    start = time.time()
+    clock = _Clock()
     hf_dir = Path(hf_dir)
     arch = _arch_of(ModelArch.from_hf_dir, hf_dir)
     mapping = mapping_for(arch)
@@ -168,6 +186,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     with staged_output(out_dir, force) as tmp:
         chunks, params = _single_process_model(arch, target, mapping.padded_vocab)
         _check_params(params, mapping)
+        clock.lap("set-up")
         for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             if name in params:
                 params[name][arch.vocab_size:].zero_()
@@ -176,11 +195,13 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
             for piece in mapping.pieces:
                 reader.read_into(piece.hf_name, piece.view(params[piece.megatron_name]))
                 bar.update(reader.info(piece.hf_name).nbytes)
+        clock.lap("read HF")
         save_model(chunks, tmp, release_params=True)
         write_metadata(tmp, arch, dtype=hf_io.dtype_name(target), source=str(hf_dir.absolute()))
         hf_io.copy_side_files(hf_dir, tmp)
+        clock.lap("save Megatron")
     return ConversionSummary("hf->megatron", Path(out_dir), len(mapping.pieces), nbytes,
-                             time.time() - start)
+                             clock.total(), clock.phases)
 
 
 def _generation_config(arch: ModelArch) -> dict:
@@ -201,18 +222,20 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *,
     weights; loading into a model would add a merged copy of every SwiGLU fc1) and streamed
     through the mapping. `dtype` (bf16/fp16/fp32) defaults to the embedding's saved dtype.
     """
-    start = time.time()
+    clock = _Clock()
     megatron_dir = Path(megatron_dir)
     max_shard_bytes = hf_io.parse_size(max_shard_size)
     arch = _arch_of(read_arch, megatron_dir)
-    _one_process_group()
-    tensors = list(load_full_tensors(megatron_dir))
-    if not tensors or tensors[0][0] != "embedding.word_embeddings.weight":
-        raise CheckpointError(f"{megatron_dir / MODEL_SUBDIR}: no embedding.word_embeddings.weight")
-    embedding = tensors[0][1]
-    out_dtype = DTYPES[dtype] if dtype else embedding.dtype
-    mapping = mapping_for(arch, padded_vocab=embedding.shape[0])
     with staged_output(out_dir, force) as tmp:
+        _one_process_group()
+        tensors = list(load_full_tensors(megatron_dir))
+        if not tensors or tensors[0][0] != "embedding.word_embeddings.weight":
+            raise CheckpointError(f"{megatron_dir / MODEL_SUBDIR}: no "
+                                  "embedding.word_embeddings.weight")
+        embedding = tensors[0][1]
+        out_dtype = DTYPES[dtype] if dtype else embedding.dtype
+        mapping = mapping_for(arch, padded_vocab=embedding.shape[0])
+        clock.lap("load Megatron")
         specs = [(name, shape, out_dtype) for name, shape in mapping.hf_specs()]
         with hf_io.ShardedWriter(tmp, specs, max_shard_bytes) as writer, \
                 _progress(writer.total_bytes, "write HF", progress) as bar:
@@ -220,7 +243,6 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *,
                 writer.write(name, tensor.to(out_dtype))
                 bar.update(tensor.numel() * out_dtype.itemsize)
             writer.finish()
-        del tensors, embedding
         config = {**arch.to_hf_dict(), "dtype": hf_io.dtype_name(out_dtype),
                   # transformers 4.x (what vLLM pins) reads the older key.
                   "torch_dtype": hf_io.dtype_name(out_dtype)}
@@ -229,8 +251,9 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *,
         if not (tmp / "generation_config.json").exists():
             (tmp / "generation_config.json").write_text(
                 json.dumps(_generation_config(arch), indent=2))
+        clock.lap("write HF")
     return ConversionSummary("megatron->hf", Path(out_dir), len(specs), writer.total_bytes,
-                             time.time() - start)
+                             clock.total(), clock.phases)
 
 
 def main(direction: str, argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ COMMANDS = {
     "smoke": "smoke",
     "score": "score",
     "train": "train",
+    "generate": "generate",
+    "eval": "evaluate",
 }
 
 

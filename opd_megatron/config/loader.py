@@ -87,6 +87,8 @@ def apply_overrides(raw: dict, overrides: list[str], sources: dict[str, str]) ->
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
+        if isinstance(value, (dict, list)) and not text.lstrip().startswith(("{", "[")):
+            value = text  # "a rule: with a colon" is a string, not a mapping
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:

@@ -3,8 +3,8 @@
 Per chunk of positions, with z = student / T and t = teacher / T on this rank's real columns:
   1. local top-K of z and of t, gathered (K * tp candidates) -> global top-K; its first column is
      the global max, so no separate max all-reduce is needed;
-  2. exp(z - max), exp(t - max) and their full-vocabulary sums; z and t at the support ids (each rank
-     reads the ids in its shard); one all-reduce of all of these per-position columns;
+  2. exp(z - max), exp(t - max) and their full-vocabulary sums; z and t at the support ids (each
+     rank reads the ids in its shard); one all-reduce of all of these per-position columns;
   3. only for jsd or when sampled ids are given: sums that need the normalised p and q (the JSD
      terms, the teacher's rank of the sampled token), one more all-reduce.
 Everything after that is per position (distill_objectives.py). The metrics come from the same pass.

@@ -6,8 +6,8 @@ up to its `valid` column, so padding never enters a max, a sum, a softmax or a t
 gradient is zero.
 
 Logits are flattened to [positions, shard width] and visited `chunk` positions at a time, upcast to
-the compute dtype (at least fp32) one chunk at a time into reused buffers. Nothing of vocabulary size
-crosses ranks: only per-position scalars and K candidates per rank.
+the compute dtype (at least fp32) one chunk at a time into reused buffers. Nothing of vocabulary
+size crosses ranks: only per-position scalars and K candidates per rank.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from opd_megatron.losses._comm import all_gather_cat, all_reduce_, group_rank, g
 # per-chunk collectives and kernel launches.
 CHUNK_ELEMENTS = 1 << 22
 # A chunk never spans more than this fraction of the positions, so that the handful of chunk
-# buffers stays well under one shard even for a small vocabulary or bf16 inputs.
-MAX_CHUNK_FRACTION = 16
+# buffers stays well under one shard even for a small vocabulary or bf16 inputs (on CPU, glibc's
+# heap also keeps freed buffers resident between calls: peak RSS creeps by a few buffer sizes).
+MAX_CHUNK_FRACTION = 32
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class VocabShard:
         if vocab_size is None:
             vocab_size = padded
         if not 0 < vocab_size <= padded:
-            raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded}] (shard width {width}"
-                             f" x {group_size(group)} tensor-parallel ranks)")
+            raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded}] (shard width "
+                             f"{width} x {group_size(group)} tensor-parallel ranks)")
         start = group_rank(group) * width
         return cls(group, width, start, min(max(vocab_size - start, 0), width), vocab_size)
 
@@ -56,13 +57,13 @@ class VocabShard:
             raise ValueError(f"{name} has ids outside [0, vocab_size={self.vocab_size})")
 
     def local_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(local column, owned mask) for global `ids`; unowned ids get column 0 so they can index."""
+        """(local column, owned mask) for global `ids`; unowned ids get column 0 (indexable)."""
         local = ids - self.start
         owned = (local >= 0) & (local < self.valid)
         return torch.where(owned, local, 0), owned
 
     def gather(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x[row, id] for the ids this rank owns, 0 elsewhere: a sum over ranks assembles all of them."""
+        """x[row, id] for the ids this rank owns, 0 elsewhere: a sum over ranks assembles them."""
         if self.valid == 0:
             return x.new_zeros(ids.shape)
         local, owned = self.local_ids(ids)

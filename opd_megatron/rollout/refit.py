@@ -13,6 +13,10 @@ Beyond the model itself, a rank holds one bucket plus the Megatron tensors of ab
 
 The parameters are ordered by global layer so that the mapping, which emits in HF order, never
 has to hold more than a layer, whatever the pipeline / virtual-pipeline layout.
+
+The parameters are read as they are after `optimizer.step()`: with Megatron's distributed
+optimizer that step all-gathers the updated weights. (Were `overlap_param_gather` enabled, that
+gather would be deferred into the next forward and a refit would have to finish it first.)
 """
 from __future__ import annotations
 
@@ -164,7 +168,8 @@ class MegatronWeights:
 
     @property
     def padded_vocab(self) -> int:
-        return next(s.shape[0] for s in self.manifest if s.name == "embedding.word_embeddings.weight")
+        embedding = "embedding.word_embeddings.weight"
+        return next(spec.shape[0] for spec in self.manifest if spec.name == embedding)
 
     def __iter__(self) -> Iterator[Pair]:
         multi_stage = self.pp_group is not None and dist.get_world_size(self.pp_group) > 1
@@ -247,11 +252,12 @@ def refit_error_metrics(sampler_logprobs: Sequence[Sequence[float]],
     bf16 kernels, and a stale or mis-mapped weight shows up as orders of magnitude more.
     """
     diffs = []
-    for index, (sampled, trained) in enumerate(zip(sampler_logprobs, trainer_logprobs, strict=True)):
+    pairs = zip(sampler_logprobs, trainer_logprobs, strict=True)
+    for index, (sampled, trained) in enumerate(pairs):
         if len(sampled) != len(trained):
             raise ValueError(f"sequence {index}: {len(sampled)} sampler log-probs but "
                              f"{len(trained)} trainer log-probs")
-        diffs.extend(t - s for s, t in zip(sampled, trained))
+        diffs.extend(t - s for s, t in zip(sampled, trained, strict=True))
     if not diffs:
         return {"gen_kl_error": 0.0, "gen_logprob_max_abs_diff": 0.0, "gen_tokens": 0.0}
     return {"gen_kl_error": sum(math.expm1(d) - d for d in diffs) / len(diffs),

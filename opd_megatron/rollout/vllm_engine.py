@@ -120,7 +120,7 @@ def rollouts_from_vllm(outputs: Sequence[Any], prompt_indices: Sequence[int],
     if len(outputs) != len(prompt_indices):
         raise ValueError(f"{len(outputs)} vLLM outputs for {len(prompt_indices)} prompts")
     rollouts = []
-    for request, prompt_index in zip(outputs, prompt_indices):
+    for request, prompt_index in zip(outputs, prompt_indices, strict=True):
         for completion in sorted(request.outputs, key=lambda c: c.index):
             if completion.finish_reason not in ("stop", "length"):
                 raise RuntimeError(f"vLLM request {request.request_id} finished with "
@@ -130,7 +130,7 @@ def rollouts_from_vllm(outputs: Sequence[Any], prompt_indices: Sequence[int],
                 raise RuntimeError(f"vLLM request {request.request_id} returned no per-token "
                                    "log-probs; SamplingParams.logprobs must be >= 1")
             per_token = [_position_logprobs(pos, tok, return_top_k)
-                         for pos, tok in zip(completion.logprobs, token_ids)]
+                         for pos, tok in zip(completion.logprobs, token_ids, strict=True)]
             rollouts.append(Rollout(
                 prompt_index=prompt_index,
                 prompt_ids=[int(t) for t in request.prompt_token_ids],
@@ -318,8 +318,9 @@ class VLLMRolloutEngine:
         layout = self.layout
         mine = replica_prompt_indices(len(prompts), layout.num_engines, layout.engine)
         params = self._sampling_params(**to_vllm_sampling_kwargs(sampling, self.eos_token_ids))
+        # An engine left without prompts (fewer prompts than engines) has nothing to sample.
         outputs = self.llm.generate(to_vllm_prompts([prompts[i] for i in mine]), params,
-                                    use_tqdm=False)
+                                    use_tqdm=False) if mine else []
         rollouts = rollouts_from_vllm(outputs, mine, sampling.return_top_k)
         self.sleep()
         self._fresh = False

@@ -94,6 +94,7 @@ class DistillSection:
 @dataclass
 class EvalSection:
     reward: str = "exact_match"
+    reward_options: dict = field(default_factory=dict)   # e.g. {require_correct: false}
     max_new_tokens: int = 64
     num_examples: int = 64
     samples_per_prompt: int = 1
@@ -112,7 +113,8 @@ class StageConfig(RunConfig):
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-def validate_stage_config(cfg: StageConfig, dp_size: int, where: str) -> None:
+def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
+                          check_files: bool = True) -> None:
     def fail(message: str):
         raise ConfigError(f"{where}: {message}")
 
@@ -121,7 +123,7 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str) -> None:
         fail("data.train_path is required")
     for key in ("train_path", "eval_path"):
         path = getattr(cfg.data, key)
-        if path is not None and not Path(path).is_file():
+        if check_files and path is not None and not Path(path).is_file():
             fail(f"data.{key}={path}: file not found")
     if t.global_batch_size % dp_size:
         fail(f"trainer.global_batch_size={t.global_batch_size} is not divisible by the "

@@ -31,7 +31,8 @@ class StageContext:
         if self.cfg.rollout.engine == "vllm":
             from opd_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
-            return VLLMRolloutEngine.from_config(self.cfg, self.arch, self.tokenizer_dir)
+            return VLLMRolloutEngine.from_config(self.cfg, self.arch, self.tokenizer_dir,
+                                                 chunks=self.model.chunks)
         from opd_megatron.rollout.native import NativeRolloutEngine
 
         return NativeRolloutEngine(self.model.chunks, self.arch,

@@ -19,7 +19,8 @@ class Evaluator:
         if cfg.data.eval_path:
             self.dataset = load_prompt_dataset(cfg.data.eval_path,
                                                skip_bad_rows=cfg.data.skip_bad_rows)
-        self.scorer = RewardScorer(cfg.eval.reward, on_error=cfg.grpo.reward_on_error)
+        self.scorer = RewardScorer(cfg.eval.reward, on_error=cfg.grpo.reward_on_error,
+                                   options=cfg.eval.reward_options)
 
     def run(self) -> dict[str, float]:
         if self.dataset is None:

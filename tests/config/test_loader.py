@@ -100,3 +100,16 @@ def test_subclassed_schema_with_own_section(tmp_path):
 
     cfg = load_config(write(tmp_path, "a.yaml", "extra: {steps: 7}\n"), StageConfig)
     assert cfg.extra.steps == 7 and cfg.parallel.tensor_parallel == 1
+
+
+def test_override_string_with_colon_stays_a_string(tmp_path):
+    @dataclass
+    class Section:
+        text: str = ""
+
+    @dataclass
+    class Schema:
+        section: Section = field(default_factory=Section)
+
+    cfg = load_config(write(tmp_path, "a.yaml", "{}\n"), Schema, ["section.text=End with ANSWER: <n>"])
+    assert cfg.section.text == "End with ANSWER: <n>"

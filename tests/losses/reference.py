@@ -10,8 +10,8 @@ import torch
 
 def make_case(seed: int, batch: int = 2, seq: int = 5, padded_vocab: int = 48,
               vocab_size: int = 43, top_k: int = 4, scale: float = 3.0):
-    """Full-vocabulary float64 inputs: logits [batch, seq, padded_vocab] (padding holds large values,
-    which a correct implementation must ignore), a mask with holes, sampled and given-support ids."""
+    """Full-vocabulary float64 inputs: logits [batch, seq, padded_vocab] (the padding holds large
+    values, which a correct implementation ignores), a mask with holes, sampled and support ids."""
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(batch, seq, padded_vocab, generator=g, dtype=torch.float64) * scale
     # A teacher correlated with the student, so that the top-K sets overlap partly.

@@ -35,7 +35,8 @@ def test_grpo_clipping_zeroes_gradient_outside_the_asymmetric_range():
     """One token per regime: inside, above 1 + clip_high with A > 0, below 1 - clip_low with A < 0,
     and outside the range on the side where the clip does not bind."""
     vocab = 8
-    logits = torch.randn(1, 4, vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, vocab, dtype=torch.float64, generator=g)
     ids = torch.tensor([[1, 2, 3, 4]])
     logp, _ = reference_logprobs(logits, ids)
     ratios = torch.tensor([[1.1, 1.5, 0.5, 1.5]], dtype=torch.float64)

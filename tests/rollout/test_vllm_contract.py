@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -258,7 +260,7 @@ def test_engine_sleeps_while_training_and_refits_before_generating(fake_engine):
     assert engine.last_refit == "stats"
 
 
-def test_engine_refits_once_per_optimizer_step(fake_engine):
+def test_engine_refits_unless_already_refit_since_the_last_generation(fake_engine):
     engine, llm, streamed = fake_engine
     engine.update_weights(["student"])            # a stage that refits after its optimizer step
     engine.generate([[1]], SamplingParams())
@@ -284,7 +286,38 @@ def test_missing_vllm_is_one_clear_line(monkeypatch):
     assert "rollout.engine=vllm needs vllm" in message and "rollout.engine=native" in message
 
 
-# --- pure refit pieces -----------------------------------------------------------------------------
+def test_engine_from_a_stage_recipe(monkeypatch, tmp_path):
+    from opd_megatron.data.tiny_tokenizer import build_tiny_tokenizer
+    from opd_megatron.data.tokenizer import load_tokenizer
+    from opd_megatron.stages.config import StageConfig
+
+    made = {}
+
+    class RecordingLLM(FakeLLM):
+        def __init__(self, **kwargs):
+            super().__init__()
+            made.update(kwargs)
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM, SamplingParams=dict))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    cfg = StageConfig(stage="opd")
+    cfg.rollout.engine, cfg.rollout.vllm_tensor_parallel = "vllm", 2
+    cfg.rollout.vllm_gpu_memory_utilization, cfg.rollout.top_p = 0.35, 0.9
+    cfg.precision.precision = "bf16"
+    tokenizer_dir = build_tiny_tokenizer(tmp_path / "tok")
+    arch = tiny_arch("qwen3", True)
+    engine = ve.VLLMRolloutEngine.from_config(cfg, arch, str(tokenizer_dir), chunks=["student"])
+    assert made["tensor_parallel_size"] == 2 and made["gpu_memory_utilization"] == 0.35
+    assert made["logprobs_mode"] == "raw_logprobs"    # top-p at temperature 1
+    assert made["dtype"] == "bfloat16" and made["enable_sleep_mode"] is True
+    assert made["max_model_len"] == cfg.data.max_seq_length + cfg.rollout.max_new_tokens
+    assert ModelArch.from_hf_dir(made["model"]) == arch
+    assert engine.eos_token_ids == (load_tokenizer(tokenizer_dir).eos_token_id,)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"   # in-process engine core
+    assert engine.chunks == ["student"]
+
+
+# --- pure refit pieces --------------------------------------------------------------------------
 
 def megatron_split(full: torch.Tensor, world: int, dim: int, stride: int) -> list[torch.Tensor]:
     """Megatron's own strided partition (`_initialize_affine_weight_cpu`): world * stride blocks,
@@ -295,7 +328,7 @@ def megatron_split(full: torch.Tensor, world: int, dim: int, stride: int) -> lis
 
 @pytest.mark.parametrize("world,dim,stride", [(2, 0, 2), (4, 0, 2), (2, 1, 1), (4, 0, 1)])
 def test_merge_tp_shards_inverts_megatrons_partition(world, dim, stride):
-    full = torch.arange(8 * 16, dtype=torch.float32).reshape(8 * (1 + dim), 16 // (1 + dim))
+    full = torch.arange(16 * 16, dtype=torch.float32).reshape(16, 16)
     assert torch.equal(merge_tp_shards(megatron_split(full, world, dim, stride), dim, stride), full)
 
 
@@ -333,7 +366,8 @@ def _case(tp: int, pp: int, model_type: str, tied: bool) -> str:
 
 
 def _cases():
-    return [_case(tp, pp, mt, tied) for (tp, pp), configs in LAYOUTS.items() for mt, tied in configs]
+    return [_case(tp, pp, mt, tied)
+            for (tp, pp), configs in LAYOUTS.items() for mt, tied in configs]
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -358,6 +392,17 @@ def test_refit_buckets_are_bounded(refit_report, case):
     assert r["buckets"] > 1
     assert r["oversized_multi_tensor_buckets"] == 0
     assert r["max_bucket_bytes"] <= max(BUCKET_BYTES, r["largest_tensor_bytes"])
+
+
+def test_engine_over_transformers_reproduces_the_students_logprobs(refit_report):
+    """The whole engine (construction, sleep/wake, refit, split generation, merge, conversion)
+    over a transformers-backed stand-in for vLLM, at Megatron TP=2 with two vLLM-TP=1 engines:
+    the rollouts' log-probs equal the Megatron student's teacher-forced ones."""
+    r = refit_report["engine"]
+    assert r["gen_kl_error"] < 1e-9 and r["gen_tokens"] == 4 * 2 * 3
+    assert r["ranks_agree"], "the two engines of the replica returned different rollouts"
+    assert r["prompts_per_engine"] == [2, 2], "the engines did not split the prompts"
+    assert r["prompt_indices"] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def _hf_model(arch: ModelArch):
@@ -400,7 +445,8 @@ def _check_refit(arch: ModelArch, chunks) -> dict:
     hf_state = [(k, list(v.shape)) for k, v in hf.state_dict().items()
                 if not (arch.tie_word_embeddings and k == "lm_head.weight")]
     missing, unexpected = hf.load_state_dict(dict(stream), strict=False)
-    tokens = torch.randint(0, arch.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, arch.vocab_size, (BATCH, SEQ), generator=gen)
     megatron = _megatron_logits(chunks, tokens, arch.vocab_size)
     with torch.no_grad():
         reference = hf(input_ids=tokens).logits
@@ -418,9 +464,79 @@ def _check_refit(arch: ModelArch, chunks) -> dict:
         "buckets": stats.buckets,
         "max_bucket_bytes": stats.max_bucket_bytes,
         "largest_tensor_bytes": max(tensor_bytes(t) for _, t in stream),
-        "oversized_multi_tensor_buckets": sum(1 for b, s in zip(buckets, sizes)
+        "oversized_multi_tensor_buckets": sum(1 for b, s in zip(buckets, sizes, strict=True)
                                               if len(b) > 1 and s > BUCKET_BYTES),
     }
+
+
+def _transformers_vllm():
+    """A `vllm` module whose LLM samples with transformers: real log-probs of the refit weights."""
+
+    class LLM:
+        def __init__(self, model, seed, **kwargs):
+            arch = ModelArch.from_hf_dir(model)
+            self.hf, self.seed, self.prompts_seen = _hf_model(arch), seed, 0
+
+        def sleep(self, level):
+            pass
+
+        def wake_up(self, tags=None):
+            pass
+
+        def reset_prefix_cache(self):
+            pass
+
+        def apply_model(self, func):
+            return [func(self)]
+
+        def load_weights(self, weights):
+            self.hf.load_state_dict({name: t.clone() for name, t in weights}, strict=False)
+
+        @torch.no_grad()
+        def generate(self, prompts, params, use_tqdm=True):
+            gen = torch.Generator().manual_seed(params.seed)
+            self.prompts_seen += len(prompts)
+            outputs = []
+            for index, prompt in enumerate(prompts):
+                completions = []
+                for k in range(params.n):
+                    ids, positions = list(prompt["prompt_token_ids"]), []
+                    for _ in range(params.max_tokens):
+                        logits = self.hf(input_ids=torch.tensor([ids])).logits[0, -1]
+                        logp = torch.log_softmax(logits / params.temperature, -1)
+                        token = int(torch.multinomial(logp.exp(), 1, generator=gen))
+                        rank = int((logp > logp[token]).sum()) + 1
+                        positions.append({token: Logprob(float(logp[token]), rank)})
+                        ids.append(token)
+                    completions.append(CompletionOutput(k, ids[len(prompt["prompt_token_ids"]):],
+                                                        positions, "length"))
+                outputs.append(RequestOutput(str(index), prompt["prompt_token_ids"], completions))
+            return outputs
+
+    return SimpleNamespace(LLM=LLM, SamplingParams=SimpleNamespace)
+
+
+def _check_engine(arch: ModelArch, chunks) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    from gpu_check import score_rollouts
+
+    from opd_megatron.rollout.refit import verify_refit
+
+    sys.modules["vllm"] = _transformers_vllm()
+    engine = ve.VLLMRolloutEngine(ve.VLLMEngineConfig(tensor_parallel_size=1), arch, chunks=chunks)
+    prompts = torch.randint(0, arch.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
+    sampling = SamplingParams(temperature=0.8, max_new_tokens=3, n=2, seed=5)
+    metrics = verify_refit(engine, prompts.tolist(), sampling,
+                           score_rollouts(chunks, arch.vocab_size, sampling.temperature))
+    rollouts = engine.generate(prompts.tolist(), sampling)
+    seen = [None] * torch.distributed.get_world_size()
+    # Per generate call (there were two).
+    torch.distributed.all_gather_object(seen, engine.llm.prompts_seen // 2)
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, [(r.prompt_index, r.response_ids, r.logprobs)
+                                                  for r in rollouts])
+    return {**metrics, "ranks_agree": all(e == everyone[0] for e in everyone),
+            "prompts_per_engine": seen, "prompt_indices": [r.prompt_index for r in rollouts]}
 
 
 def _merge_ranks(results: list[dict]) -> dict:
@@ -448,6 +564,8 @@ def worker() -> None:
             results = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(results, _check_refit(arch, chunks))
             report[_case(tp, pp, model_type, tied)] = _merge_ranks(results)
+        if tp == 2:
+            report["engine"] = _check_engine(arch, chunks)
     rank = torch.distributed.get_rank()
     rd.shutdown()
     if rank == 0:

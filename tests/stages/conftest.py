@@ -12,10 +12,11 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_atten
         "num_key_value_heads": 2}
 
 
-def make_checkpoint(out, shape=TINY, seed=1):
+def make_checkpoint(out, shape=TINY, seed=1, zero=False):
     proc = subprocess.run(
         [sys.executable, "tests/stages/workers/make_tiny_checkpoint.py", str(out),
-         json.dumps(shape), str(seed)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+         json.dumps(shape), str(seed), *(["zero"] if zero else [])],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -31,6 +32,7 @@ def tiny_world(tmp_path_factory):
         "sft": write_jsonl(sft_rows(train), root / "sft.jsonl"),
         "train": write_jsonl(prompt_rows(train), root / "train.jsonl"),
         "eval": write_jsonl(prompt_rows(held_out), root / "eval.jsonl"),
+        "rule": write_jsonl(prompt_rows(train, rule=True), root / "rule.jsonl"),
     }
     return root, data
 

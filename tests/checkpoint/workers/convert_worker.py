@@ -2,29 +2,31 @@
 
 Each job: {"hf": dir, "megatron": dir, "hf_out": dir, "force": bool}. Prints one JSON line: per
 job, the largest absolute value in the padding rows of the Megatron vocabulary tensors.
+
+Imports stay inside functions: dist_checkpointing's save spawns a Manager process that re-runs
+this file's top level.
 """
 import json
 import sys
 
-import torch
-
-from opd_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
-from opd_megatron.checkpoint.megatron_dist import MODEL_SUBDIR, read_arch
-from opd_megatron.runtime import distributed
-
 
 def padding_max(megatron_dir: str) -> float:
-    from megatron.core import dist_checkpointing
+    from opd_megatron.checkpoint.megatron_dist import load_full_tensors, read_arch
 
     vocab = read_arch(megatron_dir).vocab_size
-    tensors = dist_checkpointing.load_plain_tensors(f"{megatron_dir}/{MODEL_SUBDIR}")
-    rows = [t[vocab:] for k, t in tensors.items()
+    rows = [t[vocab:] for k, t in load_full_tensors(megatron_dir)
             if k in ("embedding.word_embeddings.weight", "output_layer.weight")]
     assert rows and all(r.shape[0] > 0 for r in rows), "expected padded vocabulary rows"
     return max(float(r.abs().max()) for r in rows)
 
 
 def main():
+    import torch
+
+    from opd_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from opd_megatron.runtime import distributed
+
+    torch.set_num_threads(1)
     jobs = json.loads(open(sys.argv[1]).read())
     report = {}
     for name, job in jobs.items():
@@ -38,5 +40,4 @@ def main():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()

@@ -15,12 +15,16 @@ from opd_megatron.trainer.checkpointing import copy_tokenizer_files
 
 def main():
     out, shape, seed = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+    zero = len(sys.argv) > 4 and sys.argv[4] == "zero"   # a teacher that "lost its weights"
     tok_dir = build_tiny_tokenizer(out.parent / "tokenizer")
     tok = load_tokenizer(tok_dir)
     arch = ModelArch(model_type="qwen3", vocab_size=tok.vocab_size, head_dim=16,
                      eos_token_id=tok.eos_token_id, tie_word_embeddings=True, **shape)
     rd.initialize(ParallelConfig(), seed=seed)
     chunks = build_model_chunks(arch, ParallelConfig(), PrecisionConfig())
+    if zero:
+        for param in chunks[0].parameters():
+            param.data.zero_()
     save_model(chunks, out)
     write_metadata(out, arch)
     copy_tokenizer_files(tok_dir, out)

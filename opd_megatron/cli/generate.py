@@ -1,0 +1,68 @@
+"""`generate`: sample responses from a Megatron checkpoint with the native engine.
+
+    python -m opd_megatron generate --megatron-dir DIR --prompt "12+7=" --temperature 0
+    torchrun --nproc-per-node 2 -m opd_megatron generate --megatron-dir DIR --tp 2 \
+        --prompts data/eval.jsonl --out runs/gen.jsonl
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from opd_megatron.cli.loaded_model import add_layout_arguments
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("generate", help="sample responses from a Megatron checkpoint")
+    add_layout_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    source.add_argument("--prompts", help="prompt dataset (JSONL/Parquet with prompt or messages)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--out", help="write one JSON line per response here (default: stdout)")
+
+
+def add_sampling_arguments(parser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--samples-per-prompt", type=int, default=1)
+
+
+def sampling_from_args(args):
+    from opd_megatron.rollout.base import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, n=args.samples_per_prompt,
+                          seed=args.seed)
+
+
+def run(args) -> int:
+    from opd_megatron.cli.loaded_model import loaded_model
+    from opd_megatron.data.dataset import load_prompt_dataset
+    from opd_megatron.data.encoding import encode_prompt
+    from opd_megatron.data.examples import PromptExample
+
+    if args.prompts:
+        examples = list(load_prompt_dataset(args.prompts))
+    else:
+        examples = [PromptExample(messages=[{"role": "user", "content": p}], answer="", index=i)
+                    for i, p in enumerate(args.prompt)]
+    with loaded_model(args) as model:
+        prompts = [encode_prompt(model.tokenizer, ex) for ex in examples]
+        rollouts = model.engine.generate(prompts, sampling_from_args(args))
+        lines = [json.dumps({"prompt_index": r.prompt_index,
+                             "response": model.tokenizer.decode(r.response_ids,
+                                                                skip_special_tokens=True),
+                             "response_ids": r.response_ids, "finish_reason": r.finish_reason,
+                             "mean_logprob": sum(r.logprobs) / max(len(r.logprobs), 1)})
+                 for r in rollouts]
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("\n".join(lines) + "\n")
+        else:
+            print("\n".join(lines), flush=True)
+    return 0
