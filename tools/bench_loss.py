@@ -110,11 +110,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def table(args, rows) -> str:
+def table(args, rows, load: tuple[float, float]) -> str:
     lines = [
         f"TopK RKL (stop-gradient), K={args.top_k}, batch {args.batch} x seq {args.seq}, fp32, "
         f"TP={dist.get_world_size()} (gloo, CPU, 1 thread per rank); forward + backward; "
         f"extra memory = peak RSS over the RSS with the input shards allocated, gradient included.",
+        # Times on a shared machine depend on what else runs: say how loaded it was.
+        f"Load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on "
+        f"{os.cpu_count()} CPUs.",
         "",
         "| vocab | local shard | method | time (s) | peak extra (MiB) | extra / shard | speed-up |",
         "|---|---|---|---|---|---|---|",
@@ -145,9 +148,10 @@ def main() -> None:
     if args.case:
         return run_case(args)
     dist.init_process_group("gloo")
+    load_start = os.getloadavg()[0]
     rows = [(vocab, {m: launch_case(args, vocab, m) for m in METHODS}) for vocab in args.vocabs]
     if dist.get_rank() == 0:
-        report = table(args, rows)
+        report = table(args, rows, (load_start, os.getloadavg()[0]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
         print(report)

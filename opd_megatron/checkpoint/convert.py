@@ -142,27 +142,6 @@ def _check_params(params: dict[str, torch.Tensor], mapping) -> None:
         raise MappingError(f"Megatron model parameter {extra[0]!r} has no HF counterpart")
 
 
-def _check_hf_tensors(reader: hf_io.HFCheckpointReader, mapping) -> None:
-    """Missing, unexpected and mis-shaped tensors, from the headers alone (before any model)."""
-    ignorable = mapping.ignorable_hf_names()
-    for name in reader.names():
-        if name not in mapping.by_hf and not ignorable.fullmatch(name):
-            raise MappingError(f"{reader.location[name].path}: unexpected tensor {name!r} for "
-                               f"{mapping.arch.model_type}")
-    for piece in mapping.pieces:
-        if piece.hf_name not in reader.location:
-            raise MappingError(f"{reader.dir}: tensor {piece.hf_name!r} is missing")
-        shape = reader.info(piece.hf_name).shape
-        if shape != piece.hf_shape:
-            raise MappingError(f"{reader.location[piece.hf_name].path}: tensor {piece.hf_name!r} "
-                               f"has shape {list(shape)}, the config needs {list(piece.hf_shape)}")
-
-
-def _hf_config_dtype(hf_dir: Path) -> torch.dtype | None:
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    return _HF_DTYPES.get(cfg.get("dtype") or cfg.get("torch_dtype"))
-
-
 def _arch_of(load, source) -> ModelArch:
     try:
         return load(source)
@@ -181,8 +160,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     arch = _arch_of(ModelArch.from_hf_dir, hf_dir)
     mapping = mapping_for(arch)
     reader = hf_io.HFCheckpointReader(hf_dir)
-    _check_hf_tensors(reader, mapping)
-    target = DTYPES[dtype] if dtype else _hf_config_dtype(hf_dir) or reader.dtype()
+    mapping.check_hf_shapes({name: reader.info(name).shape for name in reader.names()},
+                            where=lambda name: str(reader.location[name].path if name else hf_dir))
+    config_dtype = arch.extra_hf_fields.get("dtype") or arch.extra_hf_fields.get("torch_dtype")
+    target = DTYPES[dtype] if dtype else _HF_DTYPES.get(config_dtype) or reader.dtype()
     with staged_output(out_dir, force) as tmp:
         chunks, params = _single_process_model(arch, target, mapping.padded_vocab)
         _check_params(params, mapping)

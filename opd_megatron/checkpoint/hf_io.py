@@ -192,9 +192,6 @@ class HFCheckpointReader:
     def read_into(self, name: str, out: torch.Tensor) -> None:
         self.location[name].read_into(name, out)
 
-    def total_bytes(self) -> int:
-        return sum(info.nbytes for st in self.files.values() for info in st.tensors.values())
-
     def dtype(self) -> torch.dtype:
         """The floating dtype most of the bytes are stored in."""
         by_dtype: dict[torch.dtype, int] = {}

@@ -146,6 +146,23 @@ class DecoderMapping:
         """(HF name, shape) of every HF tensor, in HF order."""
         return [(p.hf_name, p.hf_shape) for p in self.pieces]
 
+    def check_hf_shapes(self, shapes: dict[str, tuple[int, ...]],
+                        where: Callable[[str | None], str]) -> None:
+        """Refuse missing, unexpected and mis-shaped HF tensors before reading any of them;
+        `where(name)` says which file holds `name` (which checkpoint for None)."""
+        ignorable = self.ignorable_hf_names()
+        for name in shapes:
+            if name not in self.by_hf and not ignorable.fullmatch(name):
+                raise MappingError(f"{where(name)}: unexpected tensor {name!r} for "
+                                   f"{self.arch.model_type}")
+        for piece in self.pieces:
+            if piece.hf_name not in shapes:
+                raise MappingError(f"{where(None)}: tensor {piece.hf_name!r} is missing")
+            if tuple(shapes[piece.hf_name]) != piece.hf_shape:
+                raise MappingError(f"{where(piece.hf_name)}: tensor {piece.hf_name!r} has shape "
+                                   f"{list(shapes[piece.hf_name])}, the config needs "
+                                   f"{list(piece.hf_shape)}")
+
 
 class LlamaMapping(DecoderMapping):
     """Llama 2/3 (Llama 3 RoPE scaling lives in the config; the weights are plain Llama)."""

@@ -110,6 +110,12 @@ class ModelArch:
                         rope.get("original_max_position_embeddings", 8192)))
             if cfg.get("attention_bias") and model_type != "qwen2":
                 raise ArchitectureError(f"{source}: attention_bias=true is only supported for qwen2")
+            # The Megatron model is built with SwiGLU and bias-free MLPs whatever the config says.
+            if cfg.get("hidden_act", "silu") != "silu":
+                raise ArchitectureError(f"{source}: hidden_act={cfg['hidden_act']!r} is not "
+                                        "supported (supported: silu)")
+            if cfg.get("mlp_bias"):
+                raise ArchitectureError(f"{source}: mlp_bias=true is not supported")
             sliding = cfg.get("sliding_window")
             if sliding and cfg.get("use_sliding_window", model_type == "mistral"):
                 max_pos = int(cfg.get("max_position_embeddings", 4096))

@@ -62,6 +62,9 @@ class GRPOSection:
     normalize_std: bool = True
     reward: str = "exact_match"
     reward_on_error: Literal["raise", "zero"] = "raise"
+    # Modules imported before the run; they register custom rewards with
+    # opd_megatron.rewards.registry.register_reward.
+    reward_plugins: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -18,17 +18,14 @@ from pathlib import Path
 
 import torch
 
-from opd_megatron.data.dataset import load_prompt_dataset
 from opd_megatron.data.encoding import encode_prompt
 from opd_megatron.data.privileged import PIConfig
-from opd_megatron.data.sampler import BatchSampler
-from opd_megatron.losses import vocab_parallel_distill_loss, vocab_parallel_logprobs
+from opd_megatron.losses import METRICS, vocab_parallel_distill_loss, vocab_parallel_logprobs
 from opd_megatron.rewards.scoring import RewardScorer
 from opd_megatron.runtime.distributed import current_device
 from opd_megatron.stages.alignment import gather_positions, response_index
 from opd_megatron.stages.batching import shifted_microbatches
-from opd_megatron.stages.evaluate import Evaluator
-from opd_megatron.stages.loop import is_metrics_reporter
+from opd_megatron.stages.base import StageBase
 from opd_megatron.stages.rlvr import group_advantages
 from opd_megatron.stages.rollouts import response_diagnostics, sample_rollouts
 from opd_megatron.trainer.schedule import run_microbatches
@@ -92,14 +89,10 @@ def student_microbatches(batch, micro_batch_size: int) -> list[dict]:
     return batch.microbatches
 
 
-class DistillStage:
+class DistillStage(StageBase):
     def __init__(self, ctx):
-        self.ctx = ctx
+        super().__init__(ctx)
         cfg = ctx.cfg
-        self.dataset = load_prompt_dataset(cfg.data.train_path, skip_bad_rows=cfg.data.skip_bad_rows)
-        self.sampler = BatchSampler(len(self.dataset), ctx.per_rank_batch, seed=cfg.seed,
-                                    dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
-        self.evaluator = Evaluator(ctx)
         pi = cfg.teacher.pi
         self.pi = None if pi.mode == "none" else PIConfig(mode=pi.mode, system_prompt=pi.system_prompt,
                                                           template=pi.template)
@@ -159,7 +152,7 @@ class DistillStage:
     def step(self, step: int) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg
         d, vocab = cfg.distill, ctx.arch.vocab_size
-        examples = [self.dataset[i] for i in self.sampler.next_batch()]
+        examples = self.next_examples()
         batch = sample_rollouts(ctx, examples, step)
         mbs = cfg.trainer.micro_batch_size
         student_mbs = student_microbatches(batch, mbs)
@@ -206,14 +199,8 @@ class DistillStage:
                                           **{k: v.detach() for k, v in m.items()}, **extra}
 
         outputs, info = ctx.model.train_step(student_mbs, loss_fn)
-        metrics = {"lr": info["lr"], "grad_norm": info["grad_norm"],
-                   "skipped_nonfinite": float(info["skipped_nonfinite"])}
-        if outputs and is_metrics_reporter():
-            tokens = sum(float(o["tokens"]) for o in outputs)
-            metrics["loss"] = sum(float(o["loss_sum"]) for o in outputs) / max(tokens, 1.0)
-            for key in outputs[0]:
-                if key not in ("loss_sum", "tokens", "policy_loss_sum"):
-                    metrics[key] = sum(float(o[key]) for o in outputs) / len(outputs)
+        metrics = self.step_metrics(outputs, info, averaged=tuple(METRICS))
+        if "loss" in metrics:
             metrics.update(health)
             metrics.update(response_diagnostics(batch))
             if rewards is not None:
@@ -245,12 +232,3 @@ class DistillStage:
         if flag.item() > 0:
             raise TeacherHealthError(problem or "teacher health check failed on another rank")
         return stats
-
-    def evaluate(self) -> dict[str, float]:
-        return self.evaluator.run()
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from opd_megatron.data.dataset import load_prompt_dataset
-from opd_megatron.data.sampler import BatchSampler
 from opd_megatron.losses import grpo_policy_loss
 from opd_megatron.rewards.scoring import RewardScorer
-from opd_megatron.stages.evaluate import Evaluator
-from opd_megatron.stages.loop import is_metrics_reporter
+from opd_megatron.stages.base import StageBase
 from opd_megatron.stages.rollouts import response_diagnostics, sample_rollouts, token_logprobs
 
 
@@ -28,15 +25,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
     return centered.reshape(-1)
 
 
-class RLVRStage:
+class RLVRStage(StageBase):
     def __init__(self, ctx):
-        self.ctx = ctx
+        super().__init__(ctx)
         cfg = ctx.cfg
-        self.dataset = load_prompt_dataset(cfg.data.train_path, skip_bad_rows=cfg.data.skip_bad_rows)
-        self.sampler = BatchSampler(len(self.dataset), ctx.per_rank_batch, seed=cfg.seed,
-                                    dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
         self.scorer = RewardScorer(cfg.grpo.reward, on_error=cfg.grpo.reward_on_error)
-        self.evaluator = Evaluator(ctx)
         self.reference = None
         if cfg.grpo.kl_coef > 0:
             from opd_megatron.trainer.engine import build_frozen
@@ -48,7 +41,7 @@ class RLVRStage:
 
     def step(self, step: int) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg
-        examples = [self.dataset[i] for i in self.sampler.next_batch()]
+        examples = self.next_examples()
         batch = sample_rollouts(ctx, examples, step)
         scored = self.scorer(batch.texts, batch.examples)
         rewards = torch.tensor(scored.scores, dtype=torch.float32)
@@ -77,25 +70,11 @@ class RLVRStage:
                                           **{k: v.detach() for k, v in m.items()}}
 
         outputs, info = ctx.model.train_step(batch.microbatches, loss_fn)
-        metrics = {"lr": info["lr"], "grad_norm": info["grad_norm"],
-                   "skipped_nonfinite": float(info["skipped_nonfinite"])}
-        if outputs and is_metrics_reporter():
-            tokens = sum(float(o["tokens"]) for o in outputs)
-            metrics["loss"] = sum(float(o["loss_sum"]) for o in outputs) / max(tokens, 1.0)
-            for key in ("clip_fraction", "ratio_mean", "entropy", "ref_kl"):
-                if key in outputs[0]:
-                    metrics[key] = sum(float(o[key]) for o in outputs) / len(outputs)
+        metrics = self.step_metrics(outputs, info,
+                               averaged=("clip_fraction", "ratio_mean", "entropy", "ref_kl"))
+        if "loss" in metrics:
             metrics["reward"] = float(rewards.mean())
             metrics["accuracy"] = float((rewards > 0.5).float().mean())
             metrics["reward_errors"] = float(scored.num_errors)
             metrics.update(response_diagnostics(batch))
         return metrics
-
-    def evaluate(self) -> dict[str, float]:
-        return self.evaluator.run()
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])

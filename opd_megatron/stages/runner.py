@@ -16,6 +16,29 @@ def stage_class(name: str):
     return DistillStage
 
 
+def import_reward_plugins(modules: list[str], where: str) -> None:
+    import importlib
+
+    from opd_megatron.config.loader import ConfigError
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"{where}: grpo.reward_plugins: cannot import {name!r} ({err})") from None
+
+
+def check_reward_names(cfg: StageConfig, where: str) -> None:
+    from opd_megatron.config.loader import ConfigError
+    from opd_megatron.rewards.registry import reward_names
+
+    known = reward_names()
+    for key, name in (("grpo.reward", cfg.grpo.reward), ("eval.reward", cfg.eval.reward)):
+        if name not in known:
+            raise ConfigError(f"{where}: {key}={name!r} is not a registered reward "
+                              f"(known: {', '.join(sorted(known))})")
+
+
 def data_parallel_size(cfg: StageConfig, world_size: int) -> int:
     p = cfg.parallel
     return world_size // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel)
@@ -25,6 +48,8 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
     from opd_megatron.runtime.distributed import world_size_from_env
 
     validate_stage_config(cfg, data_parallel_size(cfg, world_size_from_env()), where)
+    import_reward_plugins(cfg.grpo.reward_plugins, where)
+    check_reward_names(cfg, where)
     from megatron.core import parallel_state as ps
 
     from opd_megatron.checkpoint.megatron_dist import load_model

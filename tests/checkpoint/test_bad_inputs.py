@@ -35,6 +35,16 @@ def test_unsupported_architecture(tmp_path):
     assert_fails(tmp_path, hf, "config.json: model_type 'gpt2' is not supported")
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+])
+def test_config_the_megatron_model_cannot_express(tmp_path, config, message):
+    hf = write_hf(tmp_path / "hf", ARCH, config=config)
+    assert_fails(tmp_path, hf, message)
+
+
 def test_heads_not_divisible_by_kv_groups(tmp_path):
     hf = write_hf(tmp_path / "hf", ARCH, config={"num_key_value_heads": 3})
     assert_fails(tmp_path, hf, "num_attention_heads=4 is not a multiple of num_key_value_heads=3")
