@@ -30,8 +30,8 @@ from opd_megatron.data.synthetic import (  # noqa: E402
     write_jsonl,
 )
 
-STUDENT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+STUDENT = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24}
 TEACHER = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
 
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     log("SFT warm-up: student")
     sft_student = train(root, "conf/sft_tiny_cpu_tp1.yaml", "sft_student", {
         **common, "model.megatron_dir": models["student"], "data.train_path": data["sft"],
-        "data.eval_path": data["eval"], "trainer.steps": steps(300, s),
-        "trainer.eval_every": steps(300, s)})
+        "data.eval_path": data["eval"], "trainer.steps": steps(400, s),
+        "trainer.eval_every": steps(400, s)})
     log(f"  student accuracy {sft_student['before']:.3f} -> {sft_student['after']:.3f}")
     log("RLVR (GRPO) on the teacher")
     rlvr = train(root, "conf/rlvr_tiny_cpu_tp1.yaml", "rlvr_teacher", {
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     log("OPSD: per-instance answer as privileged information")
     opsd_answer = train(root, "conf/opsd_tiny_cpu_tp1.yaml", "opsd_answer_student", {
         **common, "model.megatron_dir": sft_student["dir"], "data.train_path": data["train"],
-        "data.eval_path": data["eval"], "teacher.pi.mode": "answer_only",
+        "data.eval_path": data["eval"], "teacher.pi.mode": "answer_only", "eval.reward": "exact_match",
         "trainer.steps": steps(60, s), "trainer.eval_every": steps(60, s)})
     log(f"  held-out accuracy {opsd_answer['before']:.3f} -> {opsd_answer['after']:.3f}")
     log("export the OPD student to HF and evaluate it with transformers")

@@ -1,9 +1,10 @@
 """Offline HF <-> Megatron checkpoint conversion, single process (TP=1, PP=1).
 
 Memory stays near one copy of the weights: the Megatron model is built uninitialised at the target
-dtype, HF tensors are read straight into its parameters (through the mapping's views) and the
-export streams one HF tensor at a time into pre-laid-out shards. Outputs are written into a
-temporary sibling directory and renamed into place only once complete, so an error never leaves a
+dtype, HF tensors are read straight into its parameters (through the mapping's views) and handed
+over to the dist-checkpoint writer; the export builds no model, loads the saved full tensors and
+streams one HF tensor at a time into pre-laid-out shards. Outputs are written into a temporary
+sibling directory and renamed into place only once complete, so an error never leaves a
 half-written checkpoint behind.
 """
 from __future__ import annotations

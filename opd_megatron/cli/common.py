@@ -5,7 +5,7 @@ import torch
 
 from opd_megatron.checkpoint.source import resolve_arch
 from opd_megatron.config.loader import load_config
-from opd_megatron.config.validate import validate_layout
+from opd_megatron.config.validate import validate_layout, validate_optimizer
 from opd_megatron.models.arch import ModelArch
 from opd_megatron.runtime.distributed import world_size_from_env
 
@@ -16,6 +16,7 @@ def load_and_validate(path: str, overrides: list[str], schema):
     arch: ModelArch = resolve_arch(cfg.model)
     validate_layout(cfg.parallel, arch, world_size_from_env(), cuda=torch.cuda.is_available(),
                     where=str(path))
+    validate_optimizer(cfg.optimizer, where=str(path))
     from opd_megatron.models.precision import DeviceCaps, PrecisionError, plan_precision
     from opd_megatron.config.loader import ConfigError
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from opd_megatron.config.loader import ConfigError
-from opd_megatron.config.schema import ParallelConfig
+from opd_megatron.config.schema import OptimizerConfig, ParallelConfig
 from opd_megatron.models.arch import ModelArch
 
 
@@ -50,3 +50,16 @@ def validate_layout(parallel: ParallelConfig, arch: ModelArch, world_size: int, 
             fail("parallel.sequence_parallel=true needs Transformer Engine or apex norms (GPU only)")
         if cp > 1:
             fail(f"parallel.context_parallel={cp} needs Transformer Engine attention (GPU only)")
+
+
+def validate_optimizer(optim: OptimizerConfig, where: str = "<config>") -> None:
+    if optim.lr <= 0:
+        raise ConfigError(f"{where}: optimizer.lr={optim.lr} must be positive")
+    if not 0 <= optim.min_lr <= optim.lr:
+        raise ConfigError(f"{where}: optimizer.min_lr={optim.min_lr} must be in [0, optimizer.lr="
+                          f"{optim.lr}]")
+    if optim.warmup_steps < 0 or optim.clip_grad < 0 or optim.weight_decay < 0:
+        raise ConfigError(f"{where}: optimizer.warmup_steps, clip_grad and weight_decay must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(optim, key) < 1:
+            raise ConfigError(f"{where}: optimizer.{key}={getattr(optim, key)} must be in [0, 1)")

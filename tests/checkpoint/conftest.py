@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.checkpoint.tiny_models import MODELS, build, reference_scores
-from tests.launch import REPO_ROOT, last_json
+from tests.launch import REPO_ROOT, last_json, torchrun
 
 # 12 positions; ids near both ends of the smallest vocabulary (250).
 SCORE_IDS = [1, 17, 249, 3, 120, 77, 200, 5, 64, 0, 248, 31]
@@ -55,6 +55,20 @@ def converted(tiny_hf, tmp_path_factory) -> dict:
     report = last_json(run_python("tests/checkpoint/workers/convert_worker.py",
                                   str(root / "jobs.json")).stdout)
     return {name: {**job, **report[name]} for name, job in jobs.items()}
+
+
+@pytest.fixture(scope="session")
+def resaved_exports(converted, tmp_path_factory) -> dict:
+    """name -> HF export of the checkpoint after a TP2xPP2 load-and-save (vocab padded to 512)."""
+    root = tmp_path_factory.mktemp("resaved")
+    names = ["llama3", "qwen2"]  # untied GQA; tied with QKV bias
+    torchrun("tests/checkpoint/workers/resave_worker.py", 4, "2", "2",
+             *[f"{converted[n]['megatron']}:{root / n / 'megatron'}" for n in names])
+    jobs = {n: {"megatron": str(root / n / "megatron"), "hf_out": str(root / n / "hf")}
+            for n in names}
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    run_python("tests/checkpoint/workers/convert_worker.py", str(root / "jobs.json"))
+    return {n: job["hf_out"] for n, job in jobs.items()}
 
 
 @pytest.fixture(scope="session")

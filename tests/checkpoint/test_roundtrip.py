@@ -33,6 +33,13 @@ def test_tensors_bit_identical(converted, name):
         assert torch.equal(after[key], tensor), key
 
 
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_export_of_a_checkpoint_saved_at_tp2pp2_is_bit_identical(converted, resaved_exports, name):
+    before, after = load_all(converted[name]["hf"]), load_all(resaved_exports[name])
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_config_equivalent(converted, name):
     from transformers import AutoConfig

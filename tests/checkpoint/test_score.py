@@ -30,7 +30,7 @@ def test_matches_transformers(scored, references, name):
     tp, results = scored
     model = next(m for m in MODELS if m.name == name)
     if model.num_kv_heads % tp:
-        # Megatron shards whole KV heads: this layout is refused with a clear one-line message.
+        # validate_layout refuses TP that does not divide the KV heads, in one line.
         assert "does not divide the model's num_key_value_heads=1" in results[name]["error"]
         return
     ref = references[name]

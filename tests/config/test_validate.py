@@ -3,7 +3,8 @@ import pytest
 
 from opd_megatron.config.loader import ConfigError
 from opd_megatron.config.schema import ParallelConfig
-from opd_megatron.config.validate import validate_layout
+from opd_megatron.config.schema import OptimizerConfig
+from opd_megatron.config.validate import validate_layout, validate_optimizer
 from opd_megatron.models.arch import ModelArch
 
 ARCH = ModelArch(model_type="llama", vocab_size=500, hidden_size=96, intermediate_size=192,
@@ -53,3 +54,8 @@ def test_sequence_parallel_is_gpu_only():
 def test_expert_parallel_on_dense_model():
     with pytest.raises(ConfigError, match=r"parallel\.expert_parallel=2: the llama architecture is dense"):
         check(expert_parallel=2)
+
+
+def test_min_lr_above_lr():
+    with pytest.raises(ConfigError, match=r"conf/x\.yaml: optimizer\.min_lr=0\.001 must be in \[0, optimizer\.lr=0\.0001\]"):
+        validate_optimizer(OptimizerConfig(lr=1e-4, min_lr=1e-3), "conf/x.yaml")
