@@ -38,6 +38,9 @@ class DataSection:
     skip_bad_rows: bool = False
     tokenizer: str | None = None          # defaults to the model's checkpoint directory
     max_seq_length: int = 512
+    # SFT: pack several samples per max_seq_length row with a block-causal mask (local layer
+    # spec only: Transformer Engine takes packed sequences through cu_seqlens, not a mask).
+    packing: bool = False
 
 
 @dataclass

@@ -1,17 +1,44 @@
-"""Stage `sft`: masked cross-entropy on response tokens (padded sequences)."""
+"""Stage `sft`: masked cross-entropy on response tokens, padded or packed (`data.packing`)."""
 from __future__ import annotations
 
 import torch
 
 from opd_megatron.data.dataset import load_sft_dataset
 from opd_megatron.data.encoding import encode_sft
+from opd_megatron.data.packing import pack_sequences, segment_causal_mask
 from opd_megatron.losses import vocab_parallel_cross_entropy_loss
 from opd_megatron.stages.base import StageBase
 from opd_megatron.stages.batching import shifted_microbatches
 
 
+def packed_microbatches(seqs: list[list[int]], masks: list[list[int]], micro_batch_size: int,
+                        seq_len: int, pad_id: int) -> list[dict]:
+    """First-fit packed rows, shifted like `shifted_microbatches`, each segment attending only
+    to itself; rows are padded with empty ones to whole micro-batches."""
+    packed = pack_sequences(list(zip(seqs, masks)), seq_len, pad_id)
+    rows = packed.tokens.shape[0]
+    extra = -rows % micro_batch_size
+    tokens = torch.cat([packed.tokens, torch.full((extra, seq_len), pad_id)])
+    loss_mask = torch.cat([packed.loss_mask, torch.zeros(extra, seq_len, dtype=torch.long)])
+    positions = torch.cat([packed.position_ids, torch.zeros(extra, seq_len, dtype=torch.long)])
+    segments = torch.cat([packed.segment_ids, torch.zeros(extra, seq_len, dtype=torch.long)])
+    blocked = ~segment_causal_mask(segments[:, :-1])[:, None]
+    return [{"input_ids": tokens[r, :-1], "labels": tokens[r, 1:],
+             "loss_mask": loss_mask[r, 1:].float(), "position_ids": positions[r, :-1],
+             "attention_mask": blocked[r]}
+            for r in (slice(i, i + micro_batch_size) for i in range(0, len(tokens), micro_batch_size))]
+
+
 class SFTStage(StageBase):
     load_dataset = staticmethod(load_sft_dataset)
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        if ctx.cfg.data.packing and torch.cuda.is_available():
+            from opd_megatron.config.loader import ConfigError
+
+            raise ConfigError("data.packing=true needs the local layer spec's explicit masks; "
+                              "GPU (Transformer Engine) runs use padded batches")
 
     def step(self, step: int) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg
@@ -20,8 +47,12 @@ class SFTStage(StageBase):
             ids, mask = encode_sft(ctx.tokenizer, example)
             seqs.append(ids[:cfg.data.max_seq_length])
             masks.append(mask[:cfg.data.max_seq_length])
-        microbatches = shifted_microbatches(seqs, masks, cfg.trainer.micro_batch_size,
-                                            ctx.tokenizer.pad_token_id)
+        if cfg.data.packing:
+            microbatches = packed_microbatches(seqs, masks, cfg.trainer.micro_batch_size,
+                                               cfg.data.max_seq_length, ctx.tokenizer.pad_token_id)
+        else:
+            microbatches = shifted_microbatches(seqs, masks, cfg.trainer.micro_batch_size,
+                                                ctx.tokenizer.pad_token_id)
         vocab = ctx.arch.vocab_size
 
         def loss_fn(logits, mb):

@@ -39,7 +39,8 @@ def run_microbatches(chunks: list[torch.nn.Module], microbatches: list[dict], lo
     """Run every micro-batch (each a dict with at least `input_ids` [b, s]) through the model.
 
     All micro-batches of one call must share [b, s] (pipeline stages exchange fixed-shape
-    activations). A micro-batch's optional `model_kwargs` dict goes to every chunk's forward
+    activations). Optional `position_ids` [b, s] and `attention_mask` [b, 1, s, s] (True =
+    blocked) replace the default positions and causal mask (packed sequences). A micro-batch's optional `model_kwargs` dict goes to every chunk's forward
     (the native rollout engine passes each micro-batch's KV-cache `inference_context` this way).
     Returns the metrics dict of each micro-batch on the last pipeline stage, an empty list
     elsewhere.
@@ -62,7 +63,8 @@ def run_microbatches(chunks: list[torch.nn.Module], microbatches: list[dict], lo
     def forward_step(data_iterator, model):
         mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v
               for k, v in next(data_iterator).items()}
-        inputs = model_inputs(mb["input_ids"])
+        inputs = {**model_inputs(mb["input_ids"]),
+                  **{k: mb[k] for k in ("position_ids", "attention_mask") if k in mb}}
         output = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"],
                        **mb.get("model_kwargs", {}))
         return output, partial(loss_wrapper, mb)

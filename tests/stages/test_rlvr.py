@@ -41,7 +41,7 @@ def run_train(*args):
 
 def test_reward_that_raises_names_reward_and_example(tiny_world, sft_run, tmp_path):
     _, data = tiny_world
-    settings = {"trainer.steps": 1, "grpo.reward": "always_raises",
+    settings = {"trainer.steps": 1, "trainer.global_batch_size": 4, "grpo.reward": "always_raises",
                 "grpo.reward_plugins": "[tests.stages.raising_reward]", "data.eval_path": "null"}
     proc = run_train(*rlvr_args(tiny_world, sft_run, tmp_path / "a", data["train"], **settings))
     assert proc.returncode == 2

@@ -40,3 +40,13 @@ def test_resume_after_kill_gives_identical_losses(tiny_world, tmp_path):
     resumed_history = read_metrics(resumed / "metrics.jsonl")
     assert [h["step"] for h in resumed_history] == [1, 2, 3, 4, 5, 6]
     assert [h["loss"] for h in resumed_history][3:] == pytest.approx(full_losses[3:], rel=1e-6)
+
+
+def test_packed_sft_takes_the_same_first_step_as_padded(tiny_world, sft_run, tmp_path):
+    """Same samples, block-causal mask: the packed batch's token-mean loss equals the padded one."""
+    out_padded, _ = sft_run
+    train(1, *sft_args(tiny_world, tmp_path, **{"trainer.steps": 2, "data.packing": "true",
+                                                 "data.max_seq_length": 128}))
+    packed = [h["loss"] for h in read_metrics(tmp_path / "metrics.jsonl")]
+    padded = [h["loss"] for h in read_metrics(out_padded / "metrics.jsonl") if "loss" in h]
+    assert packed[0] == pytest.approx(padded[0], rel=1e-5)
