@@ -43,6 +43,7 @@ class Evaluator:
         # Every rank of a model-parallel group saw the same rollouts; count each replica once.
         from megatron.core import parallel_state as ps
 
-        totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
+        totals /= (ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
+                   * ps.get_context_parallel_world_size())
         n = max(totals[1].item(), 1.0)
         return {"accuracy": totals[0].item() / n, "response_length": totals[2].item() / n}
