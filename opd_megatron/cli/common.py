@@ -10,6 +10,11 @@ from opd_megatron.models.arch import ModelArch
 from opd_megatron.runtime.distributed import world_size_from_env
 
 
+def add_recipe_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe in conf/")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=2e-6")
+
+
 def load_and_validate(path: str, overrides: list[str], schema):
     """(config, student architecture), or ConfigError naming the key and the file."""
     cfg = load_config(path, schema, overrides)

@@ -26,9 +26,9 @@ class SmokeConfig(RunConfig):
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("smoke", help="tiny forward/train smoke run")
-    parser.add_argument("--config", required=True, help="YAML recipe (e.g. conf/smoke_tiny.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-3")
+    from opd_megatron.cli.common import add_recipe_arguments
+
+    add_recipe_arguments(sub.add_parser("smoke", help="tiny forward/train smoke run"))
 
 
 def run(args) -> int:

@@ -8,9 +8,9 @@ import json
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("train", help="run a training stage from a recipe")
-    parser.add_argument("--config", required=True, help="YAML recipe in conf/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=2e-6")
+    from opd_megatron.cli.common import add_recipe_arguments
+
+    add_recipe_arguments(sub.add_parser("train", help="run a training stage from a recipe"))
 
 
 def run(args) -> int:

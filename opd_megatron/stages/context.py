@@ -39,6 +39,18 @@ class StageContext:
                                    eos_token_ids=[self.tokenizer.eos_token_id],
                                    pad_token_id=self.tokenizer.pad_token_id)
 
+    def frozen_student_copy(self) -> list:
+        """Forward-only chunks holding the student's current weights (a reference model, or
+        OPSD's frozen initial teacher)."""
+        from opd_megatron.trainer.engine import build_frozen
+
+        cfg = self.cfg
+        chunks = build_frozen(self.arch, cfg.parallel, cfg.precision,
+                              cfg.model.make_vocab_size_divisible_by)
+        for frozen, live in zip(chunks, self.model.chunks):
+            frozen.load_state_dict(live.module.state_dict())
+        return chunks
+
     def training_sampling(self, step: int) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,

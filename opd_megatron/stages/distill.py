@@ -107,11 +107,7 @@ class DistillStage(StageBase):
         if cfg.teacher.source == "live":
             return ctx.model.chunks
         if cfg.teacher.source == "initial":
-            chunks = build_frozen(ctx.arch, cfg.parallel, cfg.precision,
-                                  cfg.model.make_vocab_size_divisible_by)
-            for frozen, live in zip(chunks, ctx.model.chunks):
-                frozen.load_state_dict(live.module.state_dict())
-            return chunks
+            return ctx.frozen_student_copy()
         from opd_megatron.checkpoint.megatron_dist import load_model, read_arch
         from opd_megatron.config.validate import validate_layout
 

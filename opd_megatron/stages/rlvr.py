@@ -32,12 +32,7 @@ class RLVRStage(StageBase):
         self.scorer = RewardScorer(cfg.grpo.reward, on_error=cfg.grpo.reward_on_error)
         self.reference = None
         if cfg.grpo.kl_coef > 0:
-            from opd_megatron.trainer.engine import build_frozen
-
-            self.reference = build_frozen(ctx.arch, cfg.parallel, cfg.precision,
-                                          cfg.model.make_vocab_size_divisible_by)
-            for ref, live in zip(self.reference, ctx.model.chunks):
-                ref.load_state_dict(live.module.state_dict())
+            self.reference = ctx.frozen_student_copy()
 
     def step(self, step: int) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd_megatron.checkpoint.hf_io import copy_side_files
 from opd_megatron.checkpoint.megatron_dist import (
     load_model,
     model_sharded_state_dict,
@@ -31,9 +32,6 @@ from opd_megatron.checkpoint.megatron_dist import (
 from opd_megatron.trainer.engine import TrainableModel
 
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "generation_config.json")
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -48,14 +46,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     done = [(int(m.group(1)), p) for p in root.iterdir()
             if (m := _ITER_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
     return max(done)[1] if done else None
-
-
-def copy_tokenizer_files(src: str | Path | None, dst: Path) -> None:
-    if src is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
 
 
 def _rng_state() -> dict:
@@ -110,7 +100,8 @@ def save_checkpoint(root: str | Path, iteration: int, model: TrainableModel, sta
     torch.distributed.barrier()
     if rank == 0:
         write_metadata(tmp, model.arch, iteration=iteration)
-        copy_tokenizer_files(tokenizer_dir, tmp)
+        if tokenizer_dir is not None:
+            copy_side_files(tokenizer_dir, tmp)
         state = {"iteration": iteration, "scheduler": model.scheduler.state_dict(),
                  "adam_step": _adam_step(model.optimizer), "stage": stage_state}
         # Written last: its presence is what marks a checkpoint complete.

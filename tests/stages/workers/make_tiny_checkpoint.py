@@ -10,7 +10,7 @@ from opd_megatron.data.tokenizer import load_tokenizer
 from opd_megatron.models.arch import ModelArch
 from opd_megatron.models.builder import build_model_chunks
 from opd_megatron.runtime import distributed as rd
-from opd_megatron.trainer.checkpointing import copy_tokenizer_files
+from opd_megatron.checkpoint.hf_io import copy_side_files
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
             param.data.zero_()
     save_model(chunks, out)
     write_metadata(out, arch)
-    copy_tokenizer_files(tok_dir, out)
+    copy_side_files(tok_dir, out)
     rd.shutdown()
 
 
