@@ -1,15 +1,19 @@
 """Offline HF <-> Megatron checkpoint conversion, single process (TP=1, PP=1).
 
-Memory stays near one copy of the weights: the Megatron model is built uninitialised at the target
-dtype, HF tensors are read straight into its parameters (through the mapping's views) and handed
-over to the dist-checkpoint writer; the export builds no model, loads the saved full tensors and
-streams one HF tensor at a time into pre-laid-out shards. Outputs are written into a temporary
-sibling directory and renamed into place only once complete, so an error never leaves a
-half-written checkpoint behind.
+Every byte is read once and written once, and memory stays well under one copy of the weights:
+the Megatron model is built uninitialised at the target dtype (its memory is never touched unless
+a parameter has to be assembled, as the fused QKV is) and an in-process torch_dist writer
+(`torch_dist_io.InProcessTorchDistSave`) takes each tensor it writes from the HF files, mapped from
+the page cache wherever the layouts agree (`_ParamsFromHF`); the export builds no model and no
+process group, maps the saved tensors layer by layer from the checkpoint files and writes one HF
+tensor at a time into pre-laid-out shards. Outputs are written into a temporary sibling directory
+and renamed into place only once complete, so an error never leaves a half-written checkpoint
+behind; `fsync=True` also makes the renamed output durable against a crash of the machine.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -27,6 +31,7 @@ from opd_megatron.checkpoint.mapping import (
     mapping_for,
     megatron_to_hf_tensors,
 )
+from opd_megatron.checkpoint.mapped import MappedTensor
 from opd_megatron.checkpoint.megatron_dist import (
     MODEL_SUBDIR,
     CheckpointError,
@@ -74,9 +79,21 @@ class _Clock:
         return time.time() - self.start
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def staged_output(out_dir: str | Path, force: bool) -> Iterator[Path]:
-    """A fresh temporary sibling of `out_dir`, renamed to `out_dir` when the block succeeds."""
+def staged_output(out_dir: str | Path, force: bool, fsync: bool = False) -> Iterator[Path]:
+    """A fresh temporary sibling of `out_dir`, renamed to `out_dir` when the block succeeds.
+
+    With `fsync`, every file and directory written is flushed to disk before the rename and the
+    rename itself after it, so that a machine crash cannot leave a renamed but incomplete output.
+    """
     out = Path(out_dir).absolute()
     if out.exists() and not force:
         raise ConversionError(f"{out}: already exists (pass --force to overwrite)")
@@ -86,6 +103,9 @@ def staged_output(out_dir: str | Path, force: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        if fsync:
+            for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:  # entries, then their dir
+                _fsync(path)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -93,6 +113,8 @@ def staged_output(out_dir: str | Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        if fsync:
+            _fsync(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -150,8 +172,58 @@ def _arch_of(load, source) -> ModelArch:
         raise ConversionError(str(err)) from None
 
 
+class _ParamsFromHF:
+    """The bytes of the Megatron parameters, served to the checkpoint writer from the HF files.
+
+    The writer asks for each tensor it writes (a parameter, or a half of the SwiGLU fc1). When a
+    single HF tensor is exactly that tensor's memory (the same bytes in the same order and dtype:
+    MLP, attention output and norm weights, fc1 halves, an unpadded vocabulary), the HF tensor is
+    mapped from the file and written from the page cache; its pages are released once the next
+    tensor is asked for (the writer keeps references until the file is closed). Other parameters
+    (the fused QKV, a padded vocabulary, a changed dtype) are filled from the HF tensors on first
+    use, so only they take memory.
+    """
+
+    def __init__(self, reader: hf_io.HFCheckpointReader, mapping, params: dict[str, torch.Tensor],
+                 vocab_size: int, bar):
+        self._reader, self._params, self._vocab_size, self._bar = reader, params, vocab_size, bar
+        self._owner = {param.untyped_storage().data_ptr(): name for name, param in params.items()}
+        self._pieces: dict[str, list] = {}
+        for piece in mapping.pieces:
+            self._pieces.setdefault(piece.megatron_name, []).append(piece)
+        self._filled: set[str] = set()
+        self._last_mapped: MappedTensor | None = None
+
+    def __call__(self, data: torch.Tensor) -> torch.Tensor:
+        self.release()
+        name = self._owner[data.untyped_storage().data_ptr()]
+        param = self._params[name]
+        for piece in self._pieces[name]:
+            view = piece.view(param)
+            if (view.data_ptr() == data.data_ptr() and view.numel() == data.numel()
+                    and view.is_contiguous() and data.is_contiguous()
+                    and self._reader.info(piece.hf_name).dtype == data.dtype):
+                self._last_mapped = self._reader.mapped(piece.hf_name)
+                self._bar.update(data.nbytes)
+                return self._last_mapped.tensor.view(data.shape)
+        if name not in self._filled:
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                param[self._vocab_size:].zero_()
+            for piece in self._pieces[name]:
+                self._reader.read_into(piece.hf_name, piece.view(param))
+            self._filled.add(name)
+        self._bar.update(data.nbytes)
+        return data
+
+    def release(self) -> None:
+        if self._last_mapped is not None:
+            self._last_mapped.release()
+            self._last_mapped = None
+
+
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-                           force: bool = False, progress: bool = True) -> ConversionSummary:
+                           force: bool = False, fsync: bool = False,
+                           progress: bool = True) -> ConversionSummary:
     """HF safetensors checkpoint -> self-describing Megatron checkpoint (see megatron_dist.py).
 
     `dtype` (bf16/fp16/fp32) defaults to the HF config's dtype, else the tensors' own.
@@ -165,23 +237,22 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
                             where=lambda name: str(reader.location[name].path if name else hf_dir))
     config_dtype = arch.extra_hf_fields.get("dtype") or arch.extra_hf_fields.get("torch_dtype")
     target = DTYPES[dtype] if dtype else _HF_DTYPES.get(config_dtype) or reader.dtype()
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, fsync) as tmp:
         chunks, params = _single_process_model(arch, target, mapping.padded_vocab)
         _check_params(params, mapping)
         clock.lap("set-up")
-        for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            if name in params:
-                params[name][arch.vocab_size:].zero_()
-        nbytes = sum(reader.info(p.hf_name).nbytes for p in mapping.pieces)
-        with _progress(nbytes, "read HF", progress) as bar:
-            for piece in mapping.pieces:
-                reader.read_into(piece.hf_name, piece.view(params[piece.megatron_name]))
-                bar.update(reader.info(piece.hf_name).nbytes)
-        clock.lap("read HF")
-        save_model(chunks, tmp, release_params=True)
+        nbytes = sum(p.numel() * p.element_size() for p in params.values())
+        from opd_megatron.checkpoint.torch_dist_io import InProcessTorchDistSave
+
+        with _progress(nbytes, "convert", progress) as bar:
+            source = _ParamsFromHF(reader, mapping, params, arch.vocab_size, bar)
+            save_model(chunks, tmp, sharded_strategy=InProcessTorchDistSave(source))
+            source.release()
         write_metadata(tmp, arch, dtype=hf_io.dtype_name(target), source=str(hf_dir.absolute()))
         hf_io.copy_side_files(hf_dir, tmp)
-        clock.lap("save Megatron")
+        clock.lap("HF -> Megatron")
+    if fsync:
+        clock.lap("fsync")
     return ConversionSummary("hf->megatron", Path(out_dir), len(mapping.pieces), nbytes,
                              clock.total(), clock.phases)
 
@@ -195,33 +266,33 @@ def _generation_config(arch: ModelArch) -> dict:
 
 
 def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *,
-                           dtype: str | None = None, force: bool = False,
+                           dtype: str | None = None, force: bool = False, fsync: bool = False,
                            max_shard_size: str | int = "5GB",
                            progress: bool = True) -> ConversionSummary:
     """Megatron checkpoint (any saved layout) -> HF safetensors that transformers loads.
 
-    No model is built: the checkpoint's full tensors are loaded as saved (one copy of the
-    weights; loading into a model would add a merged copy of every SwiGLU fc1) and streamed
-    through the mapping. `dtype` (bf16/fp16/fp32) defaults to the embedding's saved dtype.
+    No model is built: the checkpoint's full tensors are streamed from its files layer by layer
+    (loading into a model would add a merged copy of every SwiGLU fc1) and through the mapping.
+    `dtype` (bf16/fp16/fp32) defaults to the embedding's saved dtype.
     """
     clock = _Clock()
     megatron_dir = Path(megatron_dir)
     max_shard_bytes = hf_io.parse_size(max_shard_size)
     arch = _arch_of(read_arch, megatron_dir)
-    with staged_output(out_dir, force) as tmp:
-        _one_process_group()
-        tensors = list(load_full_tensors(megatron_dir))
-        if not tensors or tensors[0][0] != "embedding.word_embeddings.weight":
+    with staged_output(out_dir, force, fsync) as tmp:
+        tensors = load_full_tensors(megatron_dir)
+        first = next(tensors, None)
+        if first is None or first[0] != "embedding.word_embeddings.weight":
             raise CheckpointError(f"{megatron_dir / MODEL_SUBDIR}: no "
                                   "embedding.word_embeddings.weight")
-        embedding = tensors[0][1]
+        embedding = first[1]
         out_dtype = DTYPES[dtype] if dtype else embedding.dtype
         mapping = mapping_for(arch, padded_vocab=embedding.shape[0])
-        clock.lap("load Megatron")
         specs = [(name, shape, out_dtype) for name, shape in mapping.hf_specs()]
         with hf_io.ShardedWriter(tmp, specs, max_shard_bytes) as writer, \
-                _progress(writer.total_bytes, "write HF", progress) as bar:
-            for name, tensor in megatron_to_hf_tensors(arch, tensors, mapping.padded_vocab):
+                _progress(writer.total_bytes, "convert", progress) as bar:
+            for name, tensor in megatron_to_hf_tensors(arch, itertools.chain([first], tensors),
+                                                       mapping.padded_vocab):
                 writer.write(name, tensor.to(out_dtype))
                 bar.update(tensor.numel() * out_dtype.itemsize)
             writer.finish()
@@ -233,7 +304,9 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *,
         if not (tmp / "generation_config.json").exists():
             (tmp / "generation_config.json").write_text(
                 json.dumps(_generation_config(arch), indent=2))
-        clock.lap("write HF")
+        clock.lap("stream Megatron -> HF")
+    if fsync:
+        clock.lap("fsync")
     return ConversionSummary("megatron->hf", Path(out_dir), len(specs), writer.total_bytes,
                              clock.total(), clock.phases)
 
@@ -251,12 +324,15 @@ def main(direction: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="parameter dtype (default: the source checkpoint's)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--fsync", action="store_true",
+                        help="flush the output to disk before it is renamed into place")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     if not to_megatron:
         parser.add_argument("--max-shard-size", default="5GB",
                             help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     args = parser.parse_args(argv)
-    kwargs = {"dtype": args.dtype, "force": args.force, "progress": not args.no_progress}
+    kwargs = {"dtype": args.dtype, "force": args.force, "fsync": args.fsync,
+              "progress": not args.no_progress}
     from opd_megatron.runtime import distributed
 
     try:

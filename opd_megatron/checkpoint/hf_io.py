@@ -1,8 +1,8 @@
 """HF safetensors checkpoints, read and written one tensor at a time.
 
-Reading parses the safetensors header itself and `readinto`s each tensor straight into its
-destination (a Megatron parameter, or a view of one): no mmap whose touched pages would stay
-resident next to the model, and no intermediate copy when the dtypes match. Writing lays out every
+Reading parses the safetensors header itself, then either `readinto`s a tensor straight into its
+destination (a Megatron parameter, or a view of one; no intermediate copy when the dtypes match)
+or maps it from the file (`mapped`, zero copy, see mapped.py). Writing lays out every
 shard from the tensor specs up front, so tensors can then be streamed into their files in order
 without ever holding a shard in memory.
 
@@ -23,6 +23,7 @@ from typing import Iterable
 
 import torch
 
+from opd_megatron.checkpoint.mapped import MappedTensor, map_tensor
 from opd_megatron.checkpoint.megatron_dist import ConversionError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -138,6 +139,11 @@ class SafetensorsFile:
         if not direct:
             out.copy_(target.view(out.shape))
 
+    def mapped(self, name: str) -> MappedTensor:
+        """Tensor `name` mapped from the file (the header check guarantees it is all there)."""
+        info = self.tensors[name]
+        return map_tensor(self.path, info.offset, info.dtype, info.shape)
+
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
         out = torch.empty(info.shape, dtype=info.dtype)
@@ -191,6 +197,9 @@ class HFCheckpointReader:
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         self.location[name].read_into(name, out)
+
+    def mapped(self, name: str) -> MappedTensor:
+        return self.location[name].mapped(name)
 
     def dtype(self) -> torch.dtype:
         """The floating dtype most of the bytes are stored in."""

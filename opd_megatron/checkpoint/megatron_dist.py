@@ -24,8 +24,6 @@ from opd_megatron.models.arch import ModelArch
 FORMAT = "opd-megatron/1"
 METADATA_FILE = "opd_megatron.json"
 MODEL_SUBDIR = "model"
-# Prefix of the per-layer weights, which dist checkpoints store stacked along a leading layer axis.
-_LAYERS = "decoder.layers."
 
 
 class CheckpointError(RuntimeError):
@@ -70,12 +68,11 @@ def read_arch(ckpt_dir: str | Path) -> ModelArch:
 
 
 def save_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path, *,
-               release_params: bool = False) -> None:
+               sharded_strategy=None) -> None:
     """Collective: every rank calls it; each writes its own shards under DIR/model.
 
-    `release_params=True` gives the parameters up to the save, leaving the chunks unusable: for
-    a one-shot conversion, whose peak memory it keeps at one copy of the weights (see
-    `_hand_over_views`).
+    `sharded_strategy` defaults to megatron-core's (forked, fsynced torch_dist writers: what a
+    training run wants); one-shot conversions pass torch_dist_io.InProcessTorchDistSave().
     """
     from megatron.core import dist_checkpointing
 
@@ -83,61 +80,23 @@ def save_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path, *,
     if torch.distributed.get_rank() == 0:
         model_dir.mkdir(parents=True, exist_ok=False)
     torch.distributed.barrier()
-    sharded = model_sharded_state_dict(chunks)
-    if release_params:
-        _hand_over_views(sharded, chunks)
-    dist_checkpointing.save(sharded, str(model_dir))
-
-
-def _hand_over_views(sharded: dict, chunks: list[torch.nn.Module]) -> None:
-    """Give every tensor the save will write its own storage, one parameter at a time.
-
-    dist_checkpointing's writer clones each tensor that is a view into a larger storage (the
-    SwiGLU fc1 weight is saved as two halves), all of them before writing anything: an extra
-    copy of every fc1 (a third of a Llama's weights). Cloning the halves here and dropping each
-    parameter right after keeps the extra memory to one parameter.
-    """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    apply_factories(sharded)
-    views: dict[int, list[ShardedTensor]] = {}
-    for item in nested_values(sharded):
-        if isinstance(item, ShardedTensor):
-            storage = item.data.untyped_storage()
-            if storage.nbytes() != item.data.numel() * item.data.element_size():
-                views.setdefault(storage.data_ptr(), []).append(item)
-    for chunk in chunks:
-        for param in chunk.parameters():
-            group = views.pop(param.untyped_storage().data_ptr(), None)
-            if group:
-                for item in group:
-                    item.data = item.data.clone()
-                param.data = param.data.new_empty(0)
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(model_dir),
+                            sharded_strategy=sharded_strategy)
 
 
 def load_full_tensors(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every weight of DIR/model as a full (TP=1) tensor, whatever layout saved it, without
-    building a model; layer by layer in model order, under dist-checkpoint names with the layer
-    index put back (decoder.layers.3.self_attention.linear_qkv.layer_norm_weight: the TE-spec name
-    of the input norm, which both layer specs save under).
-
-    Collective (a process group must exist); all tensors are loaded up front (one copy).
+    building a model or a process group; the embedding first, then layer by layer in model order
+    under dist-checkpoint names with the layer index put back
+    (decoder.layers.3.self_attention.linear_qkv.layer_norm_weight: the TE-spec name of the input
+    norm, which both layer specs save under), then the rest. Holds about one layer at a time.
     """
-    from megatron.core import dist_checkpointing
+    from opd_megatron.checkpoint.torch_dist_io import iter_full_tensors
 
     model_dir = Path(ckpt_dir) / MODEL_SUBDIR
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no model weights in checkpoint {ckpt_dir}")
-    tensors = dist_checkpointing.load_plain_tensors(str(model_dir))
-    stacked = {k: tensors.pop(k) for k in list(tensors) if k.startswith(_LAYERS)}
-    if "embedding.word_embeddings.weight" in tensors:
-        yield "embedding.word_embeddings.weight", tensors.pop("embedding.word_embeddings.weight")
-    num_layers = max((t.shape[0] for t in stacked.values()), default=0)
-    for layer in range(num_layers):
-        for key, tensor in stacked.items():
-            yield f"{_LAYERS}{layer}.{key[len(_LAYERS):]}", tensor[layer]
-    yield from tensors.items()
+    return iter_full_tensors(model_dir)
 
 
 def load_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True) -> None:

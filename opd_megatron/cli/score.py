@@ -76,13 +76,9 @@ def score_checkpoint(megatron_dir: str | Path, ids: list[int], parallel: Paralle
 
     Megatron must be initialised with `parallel` (opd_megatron.runtime.distributed.initialize).
     """
-    from opd_megatron.checkpoint.megatron_dist import load_model, read_arch
-    from opd_megatron.config.schema import PrecisionConfig
-    from opd_megatron.trainer.engine import build_frozen
+    from opd_megatron.cli.loaded_model import load_frozen
 
-    arch = read_arch(megatron_dir)
-    chunks = build_frozen(arch, parallel, PrecisionConfig())
-    load_model(chunks, megatron_dir)
+    arch, chunks = load_frozen(megatron_dir, parallel)
     mine = score_loaded(chunks, arch.vocab_size, ids)
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
@@ -91,8 +87,8 @@ def score_checkpoint(megatron_dir: str | Path, ids: list[int], parallel: Paralle
 
 def run(args) -> int:
     from opd_megatron.checkpoint.megatron_dist import CheckpointError, read_arch
+    from opd_megatron.cli.loaded_model import megatron_for_checkpoint
     from opd_megatron.config.loader import ConfigError
-    from opd_megatron.config.validate import validate_layout
     from opd_megatron.runtime import distributed as rd
 
     try:
@@ -100,17 +96,13 @@ def run(args) -> int:
     except (CheckpointError, ValueError) as err:
         raise ConfigError(f"--megatron-dir: {err}") from None
     ids = parse_ids(args.input_ids, arch.vocab_size)
-    parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
-    validate_layout(parallel, arch, rd.world_size_from_env(), cuda=torch.cuda.is_available(),
-                    where="score --tp/--pp")
-    rd.initialize(parallel, seed=0)
-    rank0 = rd.is_rank0()
-    try:
-        result = score_checkpoint(args.megatron_dir, ids, parallel)
-    except CheckpointError as err:
-        raise ConfigError(f"--megatron-dir: {err}") from None
-    finally:
-        rd.shutdown()
+    with megatron_for_checkpoint(args.megatron_dir, args.tp, args.pp, seed=0,
+                                 where="score --tp/--pp") as parallel:
+        rank0 = rd.is_rank0()
+        try:
+            result = score_checkpoint(args.megatron_dir, ids, parallel)
+        except CheckpointError as err:
+            raise ConfigError(f"--megatron-dir: {err}") from None
     if rank0:
         if args.json:
             print(json.dumps({"input_ids": ids, **result}), flush=True)

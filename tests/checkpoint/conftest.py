@@ -51,6 +51,7 @@ def converted(tiny_hf, tmp_path_factory) -> dict:
     stale.mkdir(parents=True)
     (stale / "stale.txt").write_text("from an earlier run")
     jobs["llama3"]["force"] = True
+    jobs["qwen3"]["fsync"] = True  # the durable path gives the same output
     (root / "jobs.json").write_text(json.dumps(jobs))
     report = last_json(run_python("tests/checkpoint/workers/convert_worker.py",
                                   str(root / "jobs.json")).stdout)

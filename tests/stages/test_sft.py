@@ -1,7 +1,15 @@
-"""SFT drives the loss down and raises exact-match accuracy, at TP=1 and TP=2; resume is exact."""
+"""SFT drives the loss down and raises exact-match accuracy, at TP=1 and TP=2; resume is exact;
+the eval and generate commands reproduce the stage's own evaluation."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from opd_megatron.data.answer_format import extract_boxed
 from opd_megatron.trainer.metrics import read_metrics
+from tests.launch import REPO_ROOT
 from tests.stages.conftest import sft_args, train
 
 
@@ -50,3 +58,31 @@ def test_packed_sft_takes_the_same_first_step_as_padded(tiny_world, sft_run, tmp
     packed = [h["loss"] for h in read_metrics(tmp_path / "metrics.jsonl")]
     padded = [h["loss"] for h in read_metrics(out_padded / "metrics.jsonl") if "loss" in h]
     assert packed[0] == pytest.approx(padded[0], rel=1e-5)
+
+
+def command(*args):
+    proc = subprocess.run([sys.executable, "-m", "opd_megatron", *args], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_eval_and_generate_commands_agree_with_the_stage_eval(tiny_world, sft_run, tmp_path):
+    """The SFT'd checkpoint: `eval` (greedy, same prompts, same reward) reproduces the stage's
+    final accuracy, and `generate` returns the responses `eval` scored."""
+    _, data = tiny_world
+    out, result = sft_run
+    ckpt = str(out / "checkpoints" / "latest")
+    summary = json.loads(command("eval", "--megatron-dir", ckpt, "--data", str(data["eval"]),
+                                 "--reward", "exact_match", "--num-examples", "48",
+                                 "--max-new-tokens", "40", "--json").strip().splitlines()[-1])
+    assert summary["num_prompts"] == 48
+    assert summary["pass@1"] == pytest.approx(result["final_eval"]["accuracy"])
+    assert summary["avg@1"] == summary["pass@1"]
+    command("generate", "--megatron-dir", ckpt, "--prompts", str(data["eval"]),
+            "--max-new-tokens", "40", "--out", str(tmp_path / "gen.jsonl"))
+    rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    answers = [json.loads(line)["answer"] for line in Path(data["eval"]).read_text().splitlines()]
+    correct = [(extract_boxed(r["response"]) or "").strip() == answers[r["prompt_index"]].strip()
+               for r in rows[:48]]
+    assert sum(correct) / 48 == pytest.approx(summary["pass@1"])

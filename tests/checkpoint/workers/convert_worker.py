@@ -1,11 +1,8 @@
 """Convert HF -> Megatron -> HF for every job in a JSON file, in one process (see conftest.py).
 
-Each job: {"hf": dir, "megatron": dir, "hf_out": dir, "force": bool}; without "hf", only the
-export runs. Prints one JSON line: per job, the largest absolute value in the padding rows of the
-Megatron vocabulary tensors.
-
-Imports stay inside functions: dist_checkpointing's save spawns a Manager process that re-runs
-this file's top level.
+Each job: {"hf": dir, "megatron": dir, "hf_out": dir, "force": bool, "fsync": bool}; without
+"hf", only the export runs. Prints one JSON line: per job, the largest absolute value in the padding
+rows of the Megatron vocabulary tensors.
 """
 import json
 import sys
@@ -33,9 +30,9 @@ def main():
     for name, job in jobs.items():
         if "hf" in job:
             convert_hf_to_megatron(job["hf"], job["megatron"], force=job.get("force", False),
-                                   progress=False)
+                                   fsync=job.get("fsync", False), progress=False)
         convert_megatron_to_hf(job["megatron"], job["hf_out"], max_shard_size="50KB",
-                               progress=False)
+                               fsync=job.get("fsync", False), progress=False)
         report[name] = {"padding_max": padding_max(job["megatron"])}
     distributed.shutdown()
     print(json.dumps(report), flush=True)
