@@ -13,6 +13,8 @@ if __name__ == "__main__":
     # Read before torch's first allocation: large CPU tensors go on transparent huge pages. All
     # converted bytes land in fresh memory, and 4 KiB page faults cost about as much as the copies.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # A host-memory job: the Megatron model it builds is the CPU one, whatever GPUs are around.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from opd_megatron.checkpoint.convert import main
 
     sys.exit(main("hf-to-megatron"))

@@ -127,7 +127,11 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _one_process_group() -> None:
-    """dist_checkpointing needs a process group: a one-rank one (TP=1, PP=1)."""
+    """dist_checkpointing needs a process group: a one-rank one (TP=1, PP=1), on the CPU.
+
+    The model the conversion builds must be the CPU one (local layer spec, host memory: its
+    parameters are filled from files); with a GPU visible, Megatron would build it on the GPU.
+    """
     from opd_megatron.config.schema import ParallelConfig
     from opd_megatron.runtime import distributed
 
@@ -135,6 +139,10 @@ def _one_process_group() -> None:
     if world != 1:
         raise ConversionError(f"conversion runs in one process, got WORLD_SIZE={world} "
                               "(run it with python, not torchrun)")
+    if torch.cuda.is_available():
+        raise ConversionError("conversion runs on the CPU and a GPU is visible: use "
+                              "tools/convert_hf_to_megatron.py (it hides the GPUs) or set "
+                              "CUDA_VISIBLE_DEVICES=")
     distributed.initialize(ParallelConfig(), seed=0)
 
 

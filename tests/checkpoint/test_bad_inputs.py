@@ -156,3 +156,11 @@ def test_score_rejects_bad_arguments_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: --megatron-dir: ")
     assert "opd_megatron.json: not found" in out.stderr
+
+
+def test_conversion_with_a_visible_gpu_says_how_to_hide_it(tmp_path, monkeypatch):
+    hf = write_hf(tmp_path / "hf", ARCH)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert_fails(tmp_path, hf, "conversion runs on the CPU and a GPU is visible: use "
+                               r"tools/convert_hf_to_megatron.py \(it hides the GPUs\) or set "
+                               "CUDA_VISIBLE_DEVICES=")
