@@ -216,21 +216,24 @@ class _ChunkReader:
 
     def _mapped(self, path: Path, window: _FileSlice, offset: int, dtype: torch.dtype,
                 sizes: tuple[int, ...]) -> torch.Tensor | None:
-        archive = zipfile.ZipFile(window)
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-        if len(pickles) != 1:
+        """The chunk mapped from the file, or None unless its record is a plain row-major storage
+        of exactly the tensor (then `torch.load` reads it, or says what is wrong with it)."""
+        try:
+            archive = zipfile.ZipFile(window)
+            (pickle_name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            start, length = _member_span(archive, window, pickle_name)
+            window.seek(start)
+            (type_name, record, numel), storage_offset, size, stride = \
+                _TensorRecordUnpickler(io.BytesIO(window.read(length))).load()
+            data_name = f"{pickle_name.removesuffix('data.pkl')}data/{record}"
+            start, length = _member_span(archive, window, data_name)
+        except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, TypeError, ValueError,
+                struct.error, EOFError):
             return None
-        start, length = _member_span(archive, window, pickles[0])
-        window.seek(start)
-        (type_name, record, numel), storage_offset, size, stride = \
-            _TensorRecordUnpickler(io.BytesIO(window.read(length))).load()
-        if (_STORAGE_DTYPES.get(type_name) != dtype or size != sizes or storage_offset != 0 or numel != math.prod(sizes)
-                or not _row_major(size, stride)):
-            return None
-        start, length = _member_span(archive, window, f"{pickles[0][:-len('data.pkl')]}data/{record}")
-        if length != numel * dtype.itemsize:
-            return None
-        return map_tensor(path, offset + start, dtype, sizes).tensor
+        plain = (_STORAGE_DTYPES.get(type_name) == dtype and size == sizes and storage_offset == 0
+                 and numel == math.prod(sizes) and _row_major(size, stride)
+                 and length == numel * dtype.itemsize)
+        return map_tensor(path, offset + start, dtype, sizes).tensor if plain else None
 
     def load(self, key: str, index: int) -> torch.Tensor:
         meta = self.metadata.state_dict_metadata[key]
@@ -255,8 +258,9 @@ class _ChunkReader:
                 window.seek(0)
                 tensor = torch.load(window, map_location="cpu", weights_only=True)
         except Exception as err:  # a damaged record raises whatever its parser trips on
+            first_line = next(iter(str(err).strip().splitlines()), "")
             raise CheckpointError(f"{path}: tensor {key!r} at byte {info.offset} is unreadable "
-                                  f"({type(err).__name__}: {err})") from None
+                                  f"({type(err).__name__}: {first_line})") from None
         if tuple(tensor.shape) != sizes:
             raise CheckpointError(f"{path}: tensor {key!r} chunk has shape "
                                   f"{list(tensor.shape)}, the metadata says {list(sizes)}")
