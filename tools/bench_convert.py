@@ -10,9 +10,9 @@ process and in rounds (every step once per round, so that all steps see the same
   megatron->hf:  tools/convert_megatron_to_hf.py's conversion (of this round's hf->megatron output);
 and the same three with an fsync of every written file (`--fsync` for the conversions). The table
 gives the median over the rounds, their spread, and each step's speed against the plain copy of its
-kind (fsync or not). Seconds are those of the work itself (process start, imports (megatron-core's
-included) and the memory preparation below are in `wall`); peak RSS is the process's high-water mark (VmHWM) over
-the work, imports included.
+kind (fsync or not). Seconds are those of the work itself: process start, imports (megatron-core's
+included) and the memory preparation below are in `wall`. Peak RSS is the process's high-water
+mark (VmHWM) over the work, imports included.
 
 Before its clock starts, each step touches and frees twice the checkpoint's size of memory, so
 that every step finds the same free memory ready for its writes. The virtual machine this was
