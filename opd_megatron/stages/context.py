@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from opd_megatron.data.shapes import ShapeContract
 from opd_megatron.models.arch import ModelArch
 from opd_megatron.rollout.base import SamplingParams
 from opd_megatron.stages.config import StageConfig
@@ -26,6 +27,11 @@ class StageContext:
         return self.cfg.trainer.global_batch_size // self.dp_size
 
     @cached_property
+    def shapes(self) -> ShapeContract:
+        """What every micro-batch of this run is padded to (FP8, sequence/context parallelism)."""
+        return ShapeContract.for_run(self.cfg.precision, self.cfg.parallel)
+
+    @cached_property
     def engine(self):
         """The rollout engine over the live student weights."""
         if self.cfg.rollout.engine == "vllm":
@@ -37,7 +43,8 @@ class StageContext:
 
         return NativeRolloutEngine(self.model.chunks, self.arch,
                                    eos_token_ids=[self.tokenizer.eos_token_id],
-                                   pad_token_id=self.tokenizer.pad_token_id)
+                                   pad_token_id=self.tokenizer.pad_token_id,
+                                   row_multiple=self.shapes.row_multiple)
 
     def frozen_student_copy(self) -> list:
         """Forward-only chunks holding the student's current weights (a reference model, or
