@@ -64,3 +64,10 @@ class StageContext:
                               max_new_tokens=r.max_new_tokens, n=r.samples_per_prompt,
                               seed=self.cfg.seed * 100003 + step * 1009 + self.dp_rank,
                               return_top_k=r.return_top_k)
+
+    def eval_sampling(self) -> SamplingParams:
+        """Evaluation scores decoded text only: it is not held to the rollout log-prob
+        contract, so it may sample at its own temperature on an engine set up for training."""
+        e = self.cfg.eval
+        return SamplingParams(temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                              n=e.samples_per_prompt, seed=self.cfg.seed + 7, logprobs=False)
