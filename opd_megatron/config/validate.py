@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from opd_megatron.config.loader import ConfigError
-from opd_megatron.config.schema import OptimizerConfig, ParallelConfig
+from opd_megatron.config.schema import OptimizerConfig, ParallelConfig, PrecisionConfig
 from opd_megatron.data.shapes import check_context_parallel
 from opd_megatron.models.arch import ModelArch
 
@@ -63,3 +63,15 @@ def validate_optimizer(optim: OptimizerConfig, where: str = "<config>") -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(optim, key) < 1:
             raise ConfigError(f"{where}: optimizer.{key}={getattr(optim, key)} must be in [0, 1)")
+
+
+def validate_precision(precision: PrecisionConfig, where: str = "<config>") -> None:
+    """What megatron-core would refuse only once the model is built."""
+    if precision.fp8_first_last_layers_bf16:
+        if precision.precision != "fp8":
+            raise ConfigError(f"{where}: precision.fp8_first_last_layers_bf16=true needs "
+                              f"precision.precision=fp8 (got {precision.precision})")
+        if precision.fp8_recipe == "delayed":
+            raise ConfigError(f"{where}: precision.fp8_first_last_layers_bf16=true does not work "
+                              "with precision.fp8_recipe=delayed (megatron-core refuses it); use "
+                              "tensorwise or blockwise")

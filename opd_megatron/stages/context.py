@@ -11,6 +11,14 @@ from opd_megatron.stages.config import StageConfig
 from opd_megatron.trainer.engine import TrainableModel
 
 
+def stage_tokenizer(cfg: StageConfig) -> tuple[object, str]:
+    """The run's one tokenizer (student and teacher share it) and the directory it came from."""
+    from opd_megatron.data.tokenizer import load_tokenizer
+
+    directory = str(cfg.data.tokenizer or cfg.model.megatron_dir or cfg.model.hf_dir)
+    return load_tokenizer(directory, cfg.data.chat_template_kwargs), directory
+
+
 @dataclass
 class StageContext:
     cfg: StageConfig
