@@ -217,24 +217,6 @@ def opd_step_check(device: str, state: dict):
     return check
 
 
-def score_rollouts(chunks, vocab_size: int, temperature: float = 1.0):
-    """`score(rollouts)`: Megatron's teacher-forced log-probs of each rollout's response tokens,
-    the trainer side of `verify_refit` (collective over the model replica)."""
-    from opd_megatron.stages.batching import shifted_microbatches
-    from opd_megatron.stages.rollouts import token_logprobs
-
-    def score(rollouts) -> list[list[float]]:
-        out = []
-        for r in rollouts:
-            mask = [0] * len(r.prompt_ids) + [1] * len(r.response_ids)
-            mbs = shifted_microbatches([r.prompt_ids + r.response_ids], [mask], 1, pad_id=0)
-            logp = token_logprobs(chunks, mbs, vocab_size, temperature)
-            # [] off the last pipeline stage; labels are shifted, so the response is the tail.
-            out.append(logp[0][0, len(r.prompt_ids) - 1:].tolist() if logp else [])
-        return out
-    return score
-
-
 def vllm_check(device: str, state: dict):
     def check() -> str:
         _need_cuda(device)
@@ -245,6 +227,7 @@ def vllm_check(device: str, state: dict):
         from opd_megatron.rollout.base import SamplingParams
         from opd_megatron.rollout.refit import verify_refit
         from opd_megatron.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+        from opd_megatron.stages.rollouts import score_rollouts
 
         if "student" not in state:
             state["student"], _ = _student_and_teacher()

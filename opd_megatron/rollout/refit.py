@@ -222,24 +222,35 @@ class RefitStats:
         return {"refit_seconds": self.seconds, "refit_gib": self.bytes / 2**30,
                 "refit_buckets": float(self.buckets)}
 
+    def add(self, bucket: list[Pair]) -> None:
+        size = sum(tensor_bytes(t) for _, t in bucket)
+        self.tensors += len(bucket)
+        self.bytes += size
+        self.buckets += 1
+        self.max_bucket_bytes = max(self.max_bucket_bytes, size)
 
-@torch.no_grad()
+
+def refit_buckets(chunks: Sequence[torch.nn.Module], arch: ModelArch, stats: RefitStats,
+                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, tp_group=None,
+                  pp_group=None) -> Iterator[list[Pair]]:
+    """The student's weights as HF (name, tensor) buckets of at most `bucket_bytes`, counted into
+    `stats` as they go. Collective: all ranks of a model replica iterate together."""
+    start = time.perf_counter()
+    weights = MegatronWeights(chunks, arch, tp_group, pp_group)
+    with torch.no_grad():
+        for bucket in bucket_by_bytes(weights.hf_tensors(), bucket_bytes):
+            yield bucket
+            stats.add(bucket)
+    stats.seconds = time.perf_counter() - start
+
+
 def refit(load_weights: Callable[[list[Pair]], object], chunks: Sequence[torch.nn.Module],
           arch: ModelArch, bucket_bytes: int = DEFAULT_BUCKET_BYTES, tp_group=None,
           pp_group=None) -> RefitStats:
-    """Stream the student's weights, bucket by bucket, into `load_weights` (for vLLM:
-    `model.load_weights(weights=bucket)` on the colocated worker). Collective: all ranks of a
-    model replica call it together."""
-    stats, start = RefitStats(), time.perf_counter()
-    weights = MegatronWeights(chunks, arch, tp_group, pp_group)
-    for bucket in bucket_by_bytes(weights.hf_tensors(), bucket_bytes):
+    """Stream the student's weights, bucket by bucket, into `load_weights`."""
+    stats = RefitStats()
+    for bucket in refit_buckets(chunks, arch, stats, bucket_bytes, tp_group, pp_group):
         load_weights(bucket)
-        size = sum(tensor_bytes(t) for _, t in bucket)
-        stats.tensors += len(bucket)
-        stats.bytes += size
-        stats.buckets += 1
-        stats.max_bucket_bytes = max(stats.max_bucket_bytes, size)
-    stats.seconds = time.perf_counter() - start
     return stats
 
 

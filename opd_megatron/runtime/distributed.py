@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from datetime import timedelta
 
 import numpy as np
@@ -58,10 +59,17 @@ def seed_everything(seed: int) -> None:
 def shutdown() -> None:
     from megatron.core import parallel_state
 
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    vllm_groups = sys.modules.get("vllm.distributed.parallel_state")
+    if vllm_groups is not None:
+        # A colocated vLLM engine built its groups on this process group: they go first (vLLM
+        # tears them down at exit otherwise, and fails on a default group already destroyed).
+        vllm_groups.destroy_model_parallel()
+        vllm_groups.destroy_distributed_environment()   # the default group with them
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

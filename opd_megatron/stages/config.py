@@ -62,6 +62,9 @@ class RolloutSection:
     return_top_k: int = 0
     vllm_tensor_parallel: int = 1
     vllm_gpu_memory_utilization: float = 0.5
+    # vLLM only: every N steps the step's rollouts are scored by the student (teacher-forced)
+    # and `gen_kl_error` logged, which catches a stale or mis-mapped refit; 0 never.
+    verify_every: int = 1
 
 
 @dataclass
@@ -148,6 +151,8 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
     if per_rank % t.micro_batch_size:
         fail(f"trainer.micro_batch_size={t.micro_batch_size} does not divide the per-rank batch "
              f"of {per_rank} sequences")
+    if cfg.rollout.verify_every < 0:
+        fail(f"rollout.verify_every={cfg.rollout.verify_every} must be >= 0 (0: never)")
     if cfg.stage == "rlvr" and cfg.rollout.samples_per_prompt < 2:
         fail("rollout.samples_per_prompt must be >= 2 for GRPO (group-normalized advantages)")
     if cfg.stage in ("opd", "opsd"):

@@ -202,6 +202,7 @@ class DistillStage(StageBase):
         if "loss" in metrics:
             metrics.update(health)
             metrics.update(response_diagnostics(batch))
+            metrics.update(batch.refit_metrics)
             if rewards is not None:
                 metrics["reward"] = float(rewards.mean())
             student_lp = [lp for r in batch.rollouts for lp in r.logprobs]

@@ -72,4 +72,5 @@ class RLVRStage(StageBase):
             metrics["accuracy"] = float((rewards > 0.5).float().mean())
             metrics["reward_errors"] = float(scored.num_errors)
             metrics.update(response_diagnostics(batch))
+            metrics.update(batch.refit_metrics)
         return metrics

@@ -2,7 +2,7 @@
 tokens with a (frozen or live) model, and the per-response diagnostics LOSSES.md asks for."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,6 +11,7 @@ from opd_megatron.data.shapes import ShapeContract
 from opd_megatron.data.tiny_tokenizer import HEDGING_WORDS
 from opd_megatron.losses import vocab_parallel_logprobs
 from opd_megatron.rollout.base import Rollout
+from opd_megatron.rollout.refit import refit_error_metrics
 from opd_megatron.stages.batching import shifted_microbatches
 from opd_megatron.trainer.schedule import run_microbatches
 
@@ -21,15 +22,53 @@ class RolloutBatch:
     rollouts: list[Rollout]
     texts: list[str]
     microbatches: list[dict]  # student sequences: prompt + response, loss on response tokens
+    # gen_kl_error & co. of a verified refit (see `verify_rollouts`); {} when not verified.
+    refit_metrics: dict = field(default_factory=dict)
 
 
 def sample_rollouts(ctx, examples: list, step: int) -> RolloutBatch:
     prompts = [encode_prompt(ctx.tokenizer, ex) for ex in examples]
     for chunk in ctx.model.chunks:
         chunk.eval()
-    rollouts = ctx.engine.generate(prompts, ctx.training_sampling(step))
-    return rollout_batch(ctx.tokenizer, examples, rollouts, ctx.cfg.trainer.micro_batch_size,
-                         ctx.shapes)
+    sampling = ctx.training_sampling(step)
+    rollouts = ctx.engine.generate(prompts, sampling)
+    batch = rollout_batch(ctx.tokenizer, examples, rollouts, ctx.cfg.trainer.micro_batch_size,
+                          ctx.shapes)
+    every = ctx.cfg.rollout.verify_every
+    if ctx.cfg.rollout.engine == "vllm" and every and step % every == 0:
+        batch.refit_metrics = verify_rollouts(ctx.model.chunks, ctx.arch.vocab_size, rollouts,
+                                              sampling.temperature)
+    return batch
+
+
+def verify_rollouts(chunks, vocab_size: int, rollouts: list[Rollout],
+                    temperature: float) -> dict[str, float]:
+    """The refit check on rollouts just sampled: the engine's log-probs against the student's
+    teacher-forced ones (`refit_error_metrics`); {} off the last pipeline stage. The native
+    engine samples from the trainer's own weights, so only vLLM needs it."""
+    from megatron.core import parallel_state as ps
+
+    scored = score_rollouts(chunks, vocab_size, temperature or 1.0)(rollouts)
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return {}
+    return refit_error_metrics([r.logprobs for r in rollouts], scored)
+
+
+def score_rollouts(chunks, vocab_size: int, temperature: float = 1.0):
+    """`score(rollouts)`: Megatron's teacher-forced log-probs of each rollout's response tokens,
+    the trainer side of `verify_refit` (collective over the model replica; [] per rollout off
+    the last pipeline stage)."""
+
+    def score(rollouts) -> list[list[float]]:
+        out = []
+        for r in rollouts:
+            mask = [0] * len(r.prompt_ids) + [1] * len(r.response_ids)
+            mbs = shifted_microbatches([r.prompt_ids + r.response_ids], [mask], 1, pad_id=0)
+            logp = token_logprobs(chunks, mbs, vocab_size, temperature)
+            # Labels are shifted, so the response is the tail.
+            out.append(logp[0][0, len(r.prompt_ids) - 1:].tolist() if logp else [])
+        return out
+    return score
 
 
 def rollout_batch(tokenizer, examples: list, rollouts: list[Rollout], micro_batch_size: int,

@@ -1,10 +1,12 @@
-"""Contract of the vLLM rollout adapter, checked on CPU: vLLM itself is GPU-only and absent here.
+"""Pure contract of the vLLM rollout adapter (the engine itself runs on real vLLM in
+test_vllm_engine.py).
 
-What vLLM would receive is checked exactly: the sampling arguments, the prompts, the weights the
-refit streams into `model.load_weights` (names, shapes and order equal to the HF export's and to
+What vLLM receives is checked exactly: the sampling arguments, the prompts, the device settings,
+the weights the refit streams (names, shapes and order equal to the HF export's and to
 transformers' own state dict, values that give transformers the Megatron student's logits, bucket
-sizes bounded) at TP=2 and PP=2; and what comes back, through stand-ins with the fields of vLLM's
-RequestOutput / CompletionOutput / Logprob.
+sizes bounded) at TP=2 and PP=2; and the conversion of what comes back, on records with the
+fields of vLLM's RequestOutput / CompletionOutput / Logprob (the edge cases real vLLM does not
+produce on demand: aborted requests, a sampled token outside the top-K).
 
 The refit half runs as a torchrun worker: this file, executed as a script (see `__main__`).
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,17 @@ def tiny_arch(model_type: str, tied: bool) -> ModelArch:
 def test_sampling_kwargs_map_every_field():
     sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=33,
                               stop_token_ids=(7, 3), n=4, seed=11, return_top_k=20)
-    assert ve.to_vllm_sampling_kwargs(sampling, eos_token_ids=[2, 3]) == {
+    assert ve.to_vllm_sampling_kwargs(sampling, eos_token_ids=[2, 3], prompt_index=5) == {
         "n": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_tokens": 33,
-        "stop_token_ids": [2, 3, 7], "seed": 11, "logprobs": 20, "detokenize": False}
+        "stop_token_ids": [2, 3, 7], "seed": 11 * 1_000_003 + 5 * 4, "logprobs": 20,
+        "detokenize": False}
+
+
+def test_every_sample_of_every_prompt_has_its_own_seed_stream():
+    # vLLM seeds sample k of a request with seed + k.
+    streams = [ve.request_seed(3, i, 4) + k for i in range(50) for k in range(4)]
+    assert len(set(streams)) == len(streams)
+    assert ve.request_seed(None, 7, 2) is None
 
 
 def test_sampling_kwargs_disable_top_k_and_always_ask_for_logprobs():
@@ -80,14 +89,60 @@ def test_logprobs_mode_refuses_what_vllm_cannot_report():
         ve.check_logprobs_mode("processed_logprobs", SamplingParams(top_p=0.9))
 
 
-def test_engine_kwargs_colocate_with_sleep_mode_and_own_tensor_parallelism(tmp_path):
+GPU = SimpleNamespace(is_cpu=lambda: False, is_sleep_mode_available=lambda: True)
+
+
+def test_engine_kwargs_colocate_with_own_tensor_parallelism(tmp_path):
     config = ve.VLLMEngineConfig(tensor_parallel_size=4, gpu_memory_utilization=0.4, seed=3)
-    kwargs = ve.vllm_engine_kwargs(config, tmp_path)
-    assert kwargs["enable_sleep_mode"] is True
+    arch = tiny_arch("qwen3", True)
+    kwargs = ve.vllm_engine_kwargs(config, tmp_path, ve.device_settings(config, arch, GPU))
+    assert kwargs["enable_sleep_mode"] is True and kwargs["enforce_eager"] is False
+    assert kwargs["kv_cache_memory_bytes"] is None          # from gpu_memory_utilization
     assert kwargs["tensor_parallel_size"] == 4
     assert kwargs["distributed_executor_backend"] == "external_launcher"
     assert kwargs["load_format"] == "dummy" and kwargs["skip_tokenizer_init"] is True
     assert kwargs["logprobs_mode"] == "processed_logprobs" and kwargs["seed"] == 3
+
+
+def test_cpu_settings_have_no_sleep_mode_eager_and_a_sized_kv_cache():
+    from vllm.platforms import current_platform   # this machine: vLLM's CPU build
+
+    arch = tiny_arch("llama", False)
+    config = ve.VLLMEngineConfig(max_model_len=100, dtype="float32", cpu_kv_cache_sequences=3)
+    device = ve.device_settings(config, arch, current_platform)
+    assert device.sleep is False and device.enforce_eager is True
+    # keys + values, 4 layers x 2 KV heads x head_dim 16, fp32, 3 sequences of 100 tokens
+    assert device.kv_cache_memory_bytes == 2 * 4 * 2 * 16 * 4 * 300
+    with pytest.raises(ValueError, match="max_model_len"):
+        ve.device_settings(ve.VLLMEngineConfig(), arch, current_platform)
+
+
+def test_engine_refuses_to_start_before_megatron_is_initialised():
+    with pytest.raises(RuntimeError) as info:
+        ve.VLLMRolloutEngine(ve.VLLMEngineConfig(max_model_len=64), tiny_arch("qwen3", True))
+    assert "\n" not in str(info.value) and "parallel state" in str(info.value)
+
+
+def test_engine_config_from_a_stage_recipe():
+    from opd_megatron.stages.config import StageConfig
+
+    cfg = StageConfig(stage="opd")
+    cfg.rollout.engine, cfg.rollout.vllm_tensor_parallel = "vllm", 2
+    cfg.rollout.vllm_gpu_memory_utilization, cfg.rollout.top_p = 0.35, 0.9
+    cfg.precision.precision = "bf16"
+    config = ve.engine_config(cfg, tiny_arch("qwen3", True))
+    assert config.tensor_parallel_size == 2 and config.gpu_memory_utilization == 0.35
+    assert config.logprobs_mode == "raw_logprobs"    # top-p at temperature 1
+    assert config.dtype == "bfloat16" and config.seed == cfg.seed
+    assert config.max_model_len == cfg.data.max_seq_length + cfg.rollout.max_new_tokens
+
+
+def test_evaluation_sampling_is_not_held_to_the_logprob_mode():
+    tempered = SamplingParams(temperature=0.6, top_p=0.95)
+    with pytest.raises(ValueError, match="raw_logprobs"):
+        ve.check_logprobs_mode("raw_logprobs", tempered)
+    ve.check_logprobs_mode("raw_logprobs", SamplingParams(temperature=0.6, top_p=0.95,
+                                                          logprobs=False))
 
 
 def test_model_dir_is_the_architectures_hf_config(tmp_path):
@@ -195,126 +250,13 @@ def test_replica_layout_needs_vllm_groups_inside_megatron_tp_groups():
         ve.replica_layout(megatron_tp=2, mp_size=2, mp_rank=0, vllm_tp=4)
 
 
-# --- engine lifecycle over a stand-in LLM ---------------------------------------------------------
-
-class FakeModel:
-    def __init__(self):
-        self.loaded: list[list[str]] = []
-
-    def load_weights(self, weights):
-        self.loaded.append([name for name, _ in weights])
-
-
-class FakeLLM:
-    """Records the calls the engine makes on vllm.LLM; generates token 4 for every request."""
-
-    def __init__(self):
-        self.calls: list = []
-        self.model = FakeModel()
-
-    def sleep(self, level):
-        self.calls.append(("sleep", level))
-
-    def wake_up(self, tags=None):
-        self.calls.append(("wake_up", tuple(tags)))
-
-    def apply_model(self, func):
-        self.calls.append(("apply_model",))
-        return [func(self.model)]
-
-    def reset_prefix_cache(self):
-        self.calls.append(("reset_prefix_cache",))
-
-    def generate(self, prompts, params, use_tqdm=True):
-        self.calls.append(("generate", len(prompts), params["logprobs"]))
-        return [RequestOutput(str(i), p["prompt_token_ids"],
-                              [CompletionOutput(0, [4], [_position(4, 1, [(4, -0.5)])])])
-                for i, p in enumerate(prompts)]
-
-
-@pytest.fixture
-def fake_engine(monkeypatch):
-    streamed = []
-
-    def fake_refit(load_weights, chunks, arch, bucket_bytes):
-        load_weights([("model.embed_tokens.weight", torch.zeros(1))])
-        streamed.append(bucket_bytes)
-        return "stats"
-
-    monkeypatch.setattr(ve, "refit", fake_refit)
-    llm = FakeLLM()
-    engine = ve.VLLMRolloutEngine(ve.VLLMEngineConfig(refit_bucket_bytes=123),
-                                  tiny_arch("llama", False), chunks=["student"], llm=llm,
-                                  sampling_params=dict, layout=ve.ReplicaLayout())
-    return engine, llm, streamed
-
-
-def test_engine_sleeps_while_training_and_refits_before_generating(fake_engine):
-    engine, llm, streamed = fake_engine
-    rollouts = engine.generate([[1, 2], [3]], SamplingParams(return_top_k=3))
-    assert [r.response_ids for r in rollouts] == [[4], [4]]
-    assert llm.calls == [("sleep", 1), ("wake_up", ("weights",)), ("apply_model",),
-                         ("reset_prefix_cache",), ("wake_up", ("kv_cache",)), ("generate", 2, 3),
-                         ("sleep", 1)]
-    assert streamed == [123] and llm.model.loaded == [["model.embed_tokens.weight"]]
-    assert engine.last_refit == "stats"
-
-
-def test_engine_refits_unless_already_refit_since_the_last_generation(fake_engine):
-    engine, llm, streamed = fake_engine
-    engine.update_weights(["student"])            # a stage that refits after its optimizer step
-    engine.generate([[1]], SamplingParams())
-    engine.generate([[1]], SamplingParams())      # no update_weights in between: refit anyway
-    assert len(streamed) == 2
-
-
-def test_engine_without_weights_says_so(monkeypatch):
-    monkeypatch.setattr(ve, "refit", lambda *a, **k: None)
-    engine = ve.VLLMRolloutEngine(ve.VLLMEngineConfig(), tiny_arch("llama", False), llm=FakeLLM(),
-                                  sampling_params=dict, layout=ve.ReplicaLayout())
-    with pytest.raises(RuntimeError, match="update_weights"):
-        engine.generate([[1]], SamplingParams())
-
-
 def test_missing_vllm_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)    # makes `import vllm` raise ImportError
     with pytest.raises(ve.VLLMUnavailableError) as info:
-        ve.VLLMRolloutEngine(ve.VLLMEngineConfig(), tiny_arch("qwen3", True),
-                             layout=ve.ReplicaLayout())
+        ve.import_vllm()
     message = str(info.value)
     assert "\n" not in message
     assert "rollout.engine=vllm needs vllm" in message and "rollout.engine=native" in message
-
-
-def test_engine_from_a_stage_recipe(monkeypatch, tmp_path):
-    from opd_megatron.data.tiny_tokenizer import build_tiny_tokenizer
-    from opd_megatron.data.tokenizer import load_tokenizer
-    from opd_megatron.stages.config import StageConfig
-
-    made = {}
-
-    class RecordingLLM(FakeLLM):
-        def __init__(self, **kwargs):
-            super().__init__()
-            made.update(kwargs)
-
-    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM, SamplingParams=dict))
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    cfg = StageConfig(stage="opd")
-    cfg.rollout.engine, cfg.rollout.vllm_tensor_parallel = "vllm", 2
-    cfg.rollout.vllm_gpu_memory_utilization, cfg.rollout.top_p = 0.35, 0.9
-    cfg.precision.precision = "bf16"
-    tokenizer_dir = build_tiny_tokenizer(tmp_path / "tok")
-    arch = tiny_arch("qwen3", True)
-    engine = ve.VLLMRolloutEngine.from_config(cfg, arch, str(tokenizer_dir), chunks=["student"])
-    assert made["tensor_parallel_size"] == 2 and made["gpu_memory_utilization"] == 0.35
-    assert made["logprobs_mode"] == "raw_logprobs"    # top-p at temperature 1
-    assert made["dtype"] == "bfloat16" and made["enable_sleep_mode"] is True
-    assert made["max_model_len"] == cfg.data.max_seq_length + cfg.rollout.max_new_tokens
-    assert ModelArch.from_hf_dir(made["model"]) == arch
-    assert engine.eos_token_ids == (load_tokenizer(tokenizer_dir).eos_token_id,)
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"   # in-process engine core
-    assert engine.chunks == ["student"]
 
 
 # --- pure refit pieces --------------------------------------------------------------------------
@@ -394,17 +336,6 @@ def test_refit_buckets_are_bounded(refit_report, case):
     assert r["max_bucket_bytes"] <= max(BUCKET_BYTES, r["largest_tensor_bytes"])
 
 
-def test_engine_over_transformers_reproduces_the_students_logprobs(refit_report):
-    """The whole engine (construction, sleep/wake, refit, split generation, merge, conversion)
-    over a transformers-backed stand-in for vLLM, at Megatron TP=2 with two vLLM-TP=1 engines:
-    the rollouts' log-probs equal the Megatron student's teacher-forced ones."""
-    r = refit_report["engine"]
-    assert r["gen_kl_error"] < 1e-9 and r["gen_tokens"] == 4 * 2 * 3
-    assert r["ranks_agree"], "the two engines of the replica returned different rollouts"
-    assert r["prompts_per_engine"] == [2, 2], "the engines did not split the prompts"
-    assert r["prompt_indices"] == [0, 0, 1, 1, 2, 2, 3, 3]
-
-
 def _hf_model(arch: ModelArch):
     import transformers
 
@@ -469,76 +400,6 @@ def _check_refit(arch: ModelArch, chunks) -> dict:
     }
 
 
-def _transformers_vllm():
-    """A `vllm` module whose LLM samples with transformers: real log-probs of the refit weights."""
-
-    class LLM:
-        def __init__(self, model, seed, **kwargs):
-            arch = ModelArch.from_hf_dir(model)
-            self.hf, self.seed, self.prompts_seen = _hf_model(arch), seed, 0
-
-        def sleep(self, level):
-            pass
-
-        def wake_up(self, tags=None):
-            pass
-
-        def reset_prefix_cache(self):
-            pass
-
-        def apply_model(self, func):
-            return [func(self)]
-
-        def load_weights(self, weights):
-            self.hf.load_state_dict({name: t.clone() for name, t in weights}, strict=False)
-
-        @torch.no_grad()
-        def generate(self, prompts, params, use_tqdm=True):
-            gen = torch.Generator().manual_seed(params.seed)
-            self.prompts_seen += len(prompts)
-            outputs = []
-            for index, prompt in enumerate(prompts):
-                completions = []
-                for k in range(params.n):
-                    ids, positions = list(prompt["prompt_token_ids"]), []
-                    for _ in range(params.max_tokens):
-                        logits = self.hf(input_ids=torch.tensor([ids])).logits[0, -1]
-                        logp = torch.log_softmax(logits / params.temperature, -1)
-                        token = int(torch.multinomial(logp.exp(), 1, generator=gen))
-                        rank = int((logp > logp[token]).sum()) + 1
-                        positions.append({token: Logprob(float(logp[token]), rank)})
-                        ids.append(token)
-                    completions.append(CompletionOutput(k, ids[len(prompt["prompt_token_ids"]):],
-                                                        positions, "length"))
-                outputs.append(RequestOutput(str(index), prompt["prompt_token_ids"], completions))
-            return outputs
-
-    return SimpleNamespace(LLM=LLM, SamplingParams=SimpleNamespace)
-
-
-def _check_engine(arch: ModelArch, chunks) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    from gpu_check import score_rollouts
-
-    from opd_megatron.rollout.refit import verify_refit
-
-    sys.modules["vllm"] = _transformers_vllm()
-    engine = ve.VLLMRolloutEngine(ve.VLLMEngineConfig(tensor_parallel_size=1), arch, chunks=chunks)
-    prompts = torch.randint(0, arch.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
-    sampling = SamplingParams(temperature=0.8, max_new_tokens=3, n=2, seed=5)
-    metrics = verify_refit(engine, prompts.tolist(), sampling,
-                           score_rollouts(chunks, arch.vocab_size, sampling.temperature))
-    rollouts = engine.generate(prompts.tolist(), sampling)
-    seen = [None] * torch.distributed.get_world_size()
-    # Per generate call (there were two).
-    torch.distributed.all_gather_object(seen, engine.llm.prompts_seen // 2)
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, [(r.prompt_index, r.response_ids, r.logprobs)
-                                                  for r in rollouts])
-    return {**metrics, "ranks_agree": all(e == everyone[0] for e in everyone),
-            "prompts_per_engine": seen, "prompt_indices": [r.prompt_index for r in rollouts]}
-
-
 def _merge_ranks(results: list[dict]) -> dict:
     """The first rank's report, with the logits difference of whichever rank computed it."""
     merged = dict(results[0])
@@ -564,8 +425,6 @@ def worker() -> None:
             results = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(results, _check_refit(arch, chunks))
             report[_case(tp, pp, model_type, tied)] = _merge_ranks(results)
-        if tp == 2:
-            report["engine"] = _check_engine(arch, chunks)
     rank = torch.distributed.get_rank()
     rd.shutdown()
     if rank == 0:

@@ -43,7 +43,7 @@ def output_weights(chunks):
     return weight, ids
 
 
-def teacher_forced(chunks, rollouts, temperature):
+def teacher_forced(chunks, rollouts, temperature, vocab_size=ARCH.vocab_size, top_k=TOP_K):
     """Per rollout: log-probs of its response tokens and the top-K of the full distribution at
     each response position, from one plain forward over prompt + response (last stage only)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -57,10 +57,10 @@ def teacher_forced(chunks, rollouts, temperature):
 
     def score(output, mb):
         logits = output.float()
-        logprobs = vocab_parallel_logprobs(logits, mb["labels"], vocab_size=ARCH.vocab_size,
+        logprobs = vocab_parallel_logprobs(logits, mb["labels"], vocab_size=vocab_size,
                                            temperature=temperature)
-        full = gather_from_tensor_model_parallel_region(logits)[..., :ARCH.vocab_size]
-        top = torch.topk(torch.log_softmax(full / temperature, dim=-1), TOP_K, dim=-1)
+        full = gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]
+        top = torch.topk(torch.log_softmax(full / temperature, dim=-1), top_k, dim=-1)
         return output.new_zeros(()), torch.tensor(1), {
             "logprobs": logprobs[0], "top_ids": top.indices[0], "top_logprobs": top.values[0]}
 

@@ -18,8 +18,9 @@ def main():
     zero = len(sys.argv) > 4 and sys.argv[4] == "zero"   # a teacher that "lost its weights"
     tok_dir = build_tiny_tokenizer(out.parent / "tokenizer")
     tok = load_tokenizer(tok_dir)
-    arch = ModelArch(model_type="qwen3", vocab_size=tok.vocab_size, head_dim=16,
-                     eos_token_id=tok.eos_token_id, tie_word_embeddings=True, **shape)
+    arch = ModelArch(model_type="qwen3", vocab_size=tok.vocab_size,
+                     eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+                     **{"head_dim": 16, **shape})
     rd.initialize(ParallelConfig(), seed=seed)
     chunks = build_model_chunks(arch, ParallelConfig(), PrecisionConfig())
     if zero:
