@@ -125,6 +125,18 @@ def layer_spec(arch: ModelArch, plan: PrecisionPlan):
                                                     normalization="RMSNorm")
 
 
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter in `dtype`, as on a GPU.
+
+    The local spec's torch norms are created in fp32 whatever `params_dtype` says, while TE's norms
+    (and Megatron-LM's Float16Module) hold them in bf16; the optimizer keeps fp32 main copies either
+    way. Buffers stay as they are (RoPE frequencies are not parameters and stay fp32).
+    """
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def build_model_chunks(arch: ModelArch, parallel: ParallelConfig, precision: PrecisionConfig,
                        *, make_vocab_size_divisible_by: int = 128,
                        caps: DeviceCaps | None = None, params_dtype: torch.dtype | None = None,
@@ -163,6 +175,7 @@ def build_model_chunks(arch: ModelArch, parallel: ParallelConfig, precision: Pre
             rotary_base=int(arch.rope_theta),
             vp_stage=vp,
         )
+        _cast_parameters(model, plan.params_dtype)
         if hasattr(model, "rotary_pos_emb"):
             model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
         if torch.cuda.is_available():

@@ -1,8 +1,10 @@
 """Which layer implementation and numeric recipe a config asks for, decided before any model exists.
 
 GPUs get Transformer Engine layers (and TE's FP8 recipes); CPUs get megatron-core's local layers in
-fp32. The decision is a pure function of the config and the device's capabilities so that it can
-be tested without a GPU.
+fp32 or bf16 (torch's CPU bf16 kernels: bf16 parameters, fp32 main parameters in the optimizer,
+gradients reduced in fp32, the same plumbing as on a GPU). FP8 needs Transformer Engine on a GPU.
+The decision is a pure function of the config and the device's capabilities so that it can be
+tested without a GPU.
 """
 from __future__ import annotations
 
@@ -45,19 +47,20 @@ class PrecisionPlan:
     fp8_format: str | None = None   # megatron-core's TransformerConfig.fp8
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def plan_precision(cfg: PrecisionConfig, caps: DeviceCaps) -> PrecisionPlan:
     """Map `precision.*` onto a layer spec, parameter dtype and FP8 recipe for this device."""
     if not caps.cuda:
-        if cfg.precision != "fp32":
+        if cfg.precision == "fp8":
             raise PrecisionError(
-                f"precision.precision={cfg.precision} needs a CUDA GPU; on CPU use fp32")
-        return PrecisionPlan(layer_spec="local", params_dtype=torch.float32)
-    if cfg.precision == "fp32":
+                "precision.precision=fp8 needs a CUDA GPU with Transformer Engine; on CPU use "
+                "bf16 or fp32")
+        return PrecisionPlan(layer_spec="local", params_dtype=_DTYPES[cfg.precision])
+    if cfg.precision != "fp8":
         return PrecisionPlan(layer_spec="transformer_engine" if caps.transformer_engine else "local",
-                             params_dtype=torch.float32)
-    if cfg.precision == "bf16":
-        return PrecisionPlan(layer_spec="transformer_engine" if caps.transformer_engine else "local",
-                             params_dtype=torch.bfloat16)
+                             params_dtype=_DTYPES[cfg.precision])
     if not caps.transformer_engine:
         raise PrecisionError("precision.precision=fp8 needs Transformer Engine, which is not "
                              "importable; install the `gpu` extra or use the NGC image")

@@ -7,7 +7,8 @@ Every rank runs the same pipeline over the same parameter list, in the same orde
      colocated vLLM worker loads the whole model and cuts its own vLLM-TP shard from it;
   3. the checkpoint package's mapping turns the Megatron tensors into HF (name, tensor) pairs in
      HF export order: the very stream the HF export writes, so refit and export cannot diverge;
-  4. the pairs are grouped into buckets of bounded bytes, each handed to `load_weights`.
+  4. the pairs are grouped into buckets of bounded bytes, each handed to a `load_weights` (or,
+     for vLLM, streamed one pair at a time into its in-place reload).
 Beyond the model itself, a rank holds one bucket plus the Megatron tensors of about one layer
 (what the mapping keeps while splitting fused tensors): never a full copy.
 
@@ -126,13 +127,38 @@ def merge_tp_shards(shards: Sequence[torch.Tensor], dim: int, stride: int = 1) -
     return torch.cat([per_rank[k] for k in range(stride) for per_rank in blocks], dim)
 
 
+def high_precision(param: torch.Tensor) -> torch.Tensor:
+    """The tensor a refit communicates: the parameter itself, in its own dtype.
+
+    Only Transformer Engine's quantized (FP8) primary weights are dequantized, to the high
+    precision they stand for (their nominal dtype). `Tensor.dequantize()` on a plain bf16
+    tensor would return an fp32 copy: twice the bytes, and a dtype the other pipeline stages
+    do not expect in their receive buffers.
+    """
+    from megatron.core.fp8_utils import dequantize_fp8_tensor, is_float8tensor
+
+    tensor = param.detach()
+    return dequantize_fp8_tensor(tensor) if is_float8tensor(tensor) else tensor
+
+
+def check_tensor(tensor: torch.Tensor, spec: ParamSpec, shape: tuple[int, ...], what: str) -> None:
+    """Both sides of a collective must agree on dtype and shape; gloo aborts on a size mismatch
+    and NCCL hangs or corrupts memory, so check before communicating."""
+    if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(shape):
+        raise RuntimeError(f"refit {what} of {spec.name}: got {tensor.dtype} "
+                           f"{tuple(tensor.shape)}, every rank expects {spec.dtype} {tuple(shape)}")
+
+
 def gather_full(param: torch.Tensor, spec: ParamSpec, tp_group=None) -> torch.Tensor:
-    # FP8 primary weights (Transformer Engine's quantized tensors) are communicated and loaded in
-    # high precision; for a plain tensor `dequantize()` is the tensor itself.
-    shard = param.detach().dequantize()
+    shard = high_precision(param)
     if spec.partition_dim is None or tp_group is None or dist.get_world_size(tp_group) == 1:
+        check_tensor(shard, spec, spec.shape, "tensor")
         return shard
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(tp_group))]
+    tp_size = dist.get_world_size(tp_group)
+    local_shape = list(spec.shape)
+    local_shape[spec.partition_dim] //= tp_size
+    check_tensor(shard, spec, tuple(local_shape), "all-gather shard")
+    parts = [torch.empty_like(shard) for _ in range(tp_size)]
     dist.all_gather(parts, shard.contiguous(), group=tp_group)
     return merge_tp_shards(parts, spec.partition_dim, spec.stride)
 
@@ -179,6 +205,7 @@ class MegatronWeights:
             else:
                 full = torch.empty(spec.shape, dtype=spec.dtype, device=_current_device())
             if multi_stage:
+                check_tensor(full, spec, spec.shape, "pipeline broadcast")
                 dist.broadcast(full, src=dist.get_global_rank(self.pp_group, spec.owner),
                                group=self.pp_group)
             yield spec.name, full
@@ -237,10 +264,10 @@ def refit_buckets(chunks: Sequence[torch.nn.Module], arch: ModelArch, stats: Ref
     `stats` as they go. Collective: all ranks of a model replica iterate together."""
     start = time.perf_counter()
     weights = MegatronWeights(chunks, arch, tp_group, pp_group)
-    with torch.no_grad():
-        for bucket in bucket_by_bytes(weights.hf_tensors(), bucket_bytes):
-            yield bucket
-            stats.add(bucket)
+    # No autograd here: the tensors are detached copies or views (`gather_full`).
+    for bucket in bucket_by_bytes(weights.hf_tensors(), bucket_bytes):
+        yield bucket
+        stats.add(bucket)
     stats.seconds = time.perf_counter() - start
 
 

@@ -52,11 +52,14 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
     check_reward_names(cfg, where)
     from megatron.core import parallel_state as ps
 
-    from opd_megatron.checkpoint.megatron_dist import load_model
     from opd_megatron.runtime import distributed as rd
     from opd_megatron.stages.context import StageContext, stage_tokenizer
     from opd_megatron.stages.loop import run_loop
-    from opd_megatron.trainer.checkpointing import latest_checkpoint, load_checkpoint
+    from opd_megatron.trainer.checkpointing import (
+        latest_checkpoint,
+        load_checkpoint,
+        load_initial_weights,
+    )
     from opd_megatron.trainer.engine import build_trainable
 
     rd.initialize(cfg.parallel, cfg.seed)
@@ -74,7 +77,7 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
         elif cfg.trainer.resume != "none":
             resume = cfg.trainer.resume
         if cfg.model.megatron_dir:
-            load_model(model.chunks, cfg.model.megatron_dir)
+            load_initial_weights(model, cfg.model.megatron_dir)
         # The stage is built from the initial weights (OPSD's frozen teacher copies them).
         stage = stage_class(cfg.stage)(ctx)
         start = 0
@@ -83,7 +86,8 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
             stage.load_state_dict(state["stage"])
             start = state["iteration"]
         result = run_loop(cfg, stage, model, start_step=start, tokenizer_dir=str(tokenizer_dir))
-        result["final_eval"] = stage.evaluate() if cfg.data.eval_path else {}
+        result["final_eval"] = stage.evaluate() if cfg.data.eval_path and not result[
+            "preempted"] else {}
         return result
     finally:
         rd.shutdown()

@@ -29,7 +29,7 @@ from opd_megatron.checkpoint.megatron_dist import (
     save_model,
     write_metadata,
 )
-from opd_megatron.trainer.engine import TrainableModel
+from opd_megatron.trainer.engine import TrainableModel, sub_optimizers
 
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
@@ -133,7 +133,7 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def _inner_optimizers(optimizer) -> list:
-    return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+    return [sub.optimizer for sub in sub_optimizers(optimizer)
             if getattr(sub, "optimizer", None) is not None]
 
 
@@ -163,11 +163,18 @@ def _materialize_optimizer_state(optimizer) -> None:
     With torch's Adam (no apex/TE), megatron's distributed optimizer only knows its state layout
     after one step; it provides a zero-gradient placeholder step for exactly this.
     """
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for sub in sub_optimizers(optimizer):
         if hasattr(sub, "_init_optimizer_states_with_dummy_values"):
             sub._init_optimizer_states_with_dummy_values()
         elif getattr(sub, "init_state_fn", None) is not None:
             sub.init_state_fn(sub.optimizer)
+
+
+def load_initial_weights(model: TrainableModel, ckpt: str | Path) -> None:
+    """Collective. Weights without optimizer state (a converted or earlier-stage checkpoint) into
+    a trainable model: the model's parameters, then the optimizer's fp32 main parameters."""
+    load_model(model.chunks, ckpt)
+    model.reload_main_params()
 
 
 def load_checkpoint(ckpt: str | Path, model: TrainableModel) -> dict:
@@ -182,11 +189,10 @@ def load_checkpoint(ckpt: str | Path, model: TrainableModel) -> dict:
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
         model.optimizer.load_state_dict(loaded)
     _set_adam_step(model.optimizer, state["adam_step"])
-    # After the optimizer: its placeholder step above moved the weights.
+    # After the optimizer: its placeholder step above moved the weights. The fp32 main
+    # parameters just loaded stay as they are (no `reload_main_params`): in bf16 the model's
+    # weights are their rounded copies, and copying those back would drop every sub-ulp update.
     load_model(model.chunks, ckpt)
-    for sub in getattr(model.optimizer, "chained_optimizers", [model.optimizer]):
-        if hasattr(sub, "reload_model_params"):
-            sub.reload_model_params()
     model.scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt / "train_state" / f"rng_rank{torch.distributed.get_rank()}.pt"
     if rng_file.is_file():

@@ -5,6 +5,7 @@ optimizer, no gradient buffers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,29 +36,75 @@ class TrainableModel:
         """One optimizer step over `microbatches` (gradient accumulation through the schedule).
 
         Returns the per-micro-batch metrics (last pipeline stage only) and the step's
-        `grad_norm`, `lr` and whether the update was applied.
+        `grad_norm`, `lr`, whether the update was applied, and `skipped_nonfinite` (1 when a
+        non-finite loss or gradient norm on any rank made every rank skip the update).
         """
         self.train()
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = run_microbatches(self.chunks, microbatches, loss_fn, forward_only=False)
-        lr = self.optimizer.param_groups[0]["lr"]
-        if _any_rank_nonfinite(metrics):
-            # Skip the update; the loop counts skipped steps and stops after too many in a row.
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        skipped = {"lr": lr, "update_applied": False, "skipped_nonfinite": 1}
+        if _any_rank_true(_nonfinite_metrics(metrics)):
             self.optimizer.zero_grad()
-            return metrics, {"grad_norm": float("nan"), "lr": float(lr), "update_applied": False,
-                             "skipped_nonfinite": 1}
-        applied, grad_norm, _ = self.optimizer.step()
+            return metrics, {**skipped, "grad_norm": float("nan")}
+        applied, grad_norm = step_if_finite(self.optimizer)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            self.optimizer.zero_grad()
+            return metrics, {**skipped, "grad_norm": grad_norm}
         if applied:
             self.scheduler.step(increment=1)
-        return metrics, {"grad_norm": float(grad_norm or 0.0), "lr": float(lr),
+        return metrics, {"grad_norm": float(grad_norm or 0.0), "lr": lr,
                          "update_applied": bool(applied), "skipped_nonfinite": 0}
 
+    def reload_main_params(self) -> None:
+        """Copy the model's weights into the optimizer's fp32 main parameters.
 
-def _any_rank_nonfinite(metrics: list[dict]) -> bool:
-    local = any(isinstance(v, torch.Tensor) and not torch.isfinite(v).all()
-                for m in metrics for v in m.values())
+        Needed after loading weights into the model from outside the optimizer (an initial
+        checkpoint): in bf16 the main parameters are separate fp32 tensors that would otherwise
+        keep the random initialisation and overwrite the loaded weights at the first step. Never
+        after loading a training checkpoint, whose optimizer state carries the exact fp32 main
+        parameters (their bf16 copies lose every sub-ulp update).
+        """
+        for sub in sub_optimizers(self.optimizer):
+            sub.reload_model_params()
+
+
+def sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def step_if_finite(optimizer) -> tuple[bool, float | None]:
+    """megatron's `optimizer.step()`, except that a non-finite gradient norm applies nothing.
+
+    Without a loss scaler (bf16 and fp32) megatron checks no gradient for inf/NaN, and
+    `clip_grad_by_total_norm_fp32` leaves the gradients as they are when the norm is NaN, so
+    Adam would write NaN into every weight. The norm is reduced over every rank that holds
+    gradients, so all ranks take the same decision; it is computed once, as megatron does.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():     # a loss scaler found inf (fp16): megatron's own skip
+        return False, None
+    grad_norm = float(optimizer.get_grad_norm())
+    if _any_rank_true(not math.isfinite(grad_norm)):
+        return False, float("nan")
+    for sub in sub_optimizers(optimizer):
+        params = sub.get_parameters()
+        if params and sub.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads(), grad_norm
+
+
+def _nonfinite_metrics(metrics: list[dict]) -> bool:
+    return any(isinstance(v, torch.Tensor) and not torch.isfinite(v).all()
+               for m in metrics for v in m.values())
+
+
+def _any_rank_true(local: bool) -> bool:
     flag = torch.tensor([float(local)], device=current_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())

@@ -12,15 +12,15 @@ L40 = DeviceCaps(cuda=True, compute_capability=(8, 9), transformer_engine=True)
 GPU_NO_TE = DeviceCaps(cuda=True, compute_capability=(9, 0), transformer_engine=False)
 
 
-def test_cpu_uses_local_spec_in_fp32():
-    plan = plan_precision(PrecisionConfig(precision="fp32"), CPU)
-    assert (plan.layer_spec, plan.params_dtype, plan.fp8_recipe) == ("local", torch.float32, None)
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_cpu_uses_local_spec_in_fp32_and_bf16(precision, dtype):
+    plan = plan_precision(PrecisionConfig(precision=precision), CPU)
+    assert (plan.layer_spec, plan.params_dtype, plan.fp8_recipe) == ("local", dtype, None)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_cpu_refuses_low_precision(precision):
-    with pytest.raises(PrecisionError, match=f"precision.precision={precision} needs a CUDA GPU"):
-        plan_precision(PrecisionConfig(precision=precision), CPU)
+def test_cpu_refuses_fp8():
+    with pytest.raises(PrecisionError, match="precision.precision=fp8 needs a CUDA GPU"):
+        plan_precision(PrecisionConfig(precision="fp8"), CPU)
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
