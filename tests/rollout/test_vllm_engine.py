@@ -20,9 +20,11 @@ FP32_CONFIGS = [f"{model_type}:{tied}" for model_type in ("qwen3", "llama", "qwe
 BF16_CONFIGS = ["qwen3:tied", "llama:untied"]
 # fp32: vLLM's CPU kernels and Megatron's agree to float rounding (measured ~1e-13).
 FP32_KL = 1e-6
-# bf16: both sides round weights and activations to 8 mantissa bits, through different kernels
-# (measured: see the closing note of issue 19).
-BF16_KL = 1e-2
+# bf16: both sides round weights and activations to 8 mantissa bits, through different kernels:
+# measured 1e-6..1e-5 (max |d logp| ~0.013); a stale tied head gives ~3e-2. Near-tied top-K
+# entries may swap order in bf16, so there only their log-probs are compared.
+BF16_KL = 1e-4
+BF16_TOP_LOGPROB = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -37,26 +39,29 @@ def bf16_report():
                               timeout=900).stdout)
 
 
-def check_config(report: dict, bound: float) -> None:
+def check_config(report: dict, bound: float, top_ids_equal: bool) -> None:
     assert report["refit_tensors"] > 0 and report["update_applied"]
     for when in ("before", "after"):
         errors = report[when]
         assert errors["gen_tokens"] == 5 * 2 * 6, when
         assert errors["gen_kl_error"] < bound, when
-        assert errors["top_ids_equal"], when
+        if top_ids_equal:
+            assert errors["top_ids_equal"], when
     assert report["rollouts_changed"], "the optimizer step did not reach the engine"
     assert report["prompt_major"] and report["ranks_agree"]
 
 
 @pytest.mark.parametrize("config", FP32_CONFIGS)
 def test_fp32_rollouts_equal_the_student_before_and_after_a_refit(fp32_report, config):
-    check_config(fp32_report[config], FP32_KL)
+    check_config(fp32_report[config], FP32_KL, top_ids_equal=True)
     assert fp32_report[config]["after"]["top_logprobs_max_diff"] < 1e-5
 
 
 @pytest.mark.parametrize("config", BF16_CONFIGS)
 def test_bf16_rollouts_equal_the_student_before_and_after_a_refit(bf16_report, config):
-    check_config(bf16_report[config], BF16_KL)
+    check_config(bf16_report[config], BF16_KL, top_ids_equal=False)
+    for when in ("before", "after"):
+        assert bf16_report[config][when]["top_logprobs_max_diff"] < BF16_TOP_LOGPROB, when
 
 
 def test_greedy_and_tempered_logprobs_equal_teacher_forcing(fp32_report):
