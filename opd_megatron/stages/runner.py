@@ -86,8 +86,8 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
             stage.load_state_dict(state["stage"])
             start = state["iteration"]
         result = run_loop(cfg, stage, model, start_step=start, tokenizer_dir=str(tokenizer_dir))
-        result["final_eval"] = stage.evaluate() if cfg.data.eval_path and not result[
-            "preempted"] else {}
+        result["final_eval"] = (stage.evaluate() if cfg.data.eval_path
+                                and not result.get("preempted") else {})
         return result
     finally:
         rd.shutdown()
