@@ -233,7 +233,7 @@ def vllm_check(device: str, state: dict):
             state["student"], _ = _student_and_teacher()
         chunks = state["student"].chunks
         engine = VLLMRolloutEngine(
-            VLLMEngineConfig(gpu_memory_utilization=0.3, max_model_len=256, enforce_eager=True),
+            VLLMEngineConfig(gpu_memory_utilization=0.3, max_model_len=256),
             ARCH, chunks=chunks)
         prompts = _tokens(2)[:, :16].tolist()
         sampling = SamplingParams(temperature=1.0, max_new_tokens=32, n=2, seed=0)

@@ -238,6 +238,9 @@ class DeviceSettings:
     kv_cache_memory_bytes: int | None  # None: vLLM sizes it from gpu_memory_utilization
 
 
+CPU_BLOCK_TOKENS = 128      # vLLM's CPU KV-cache block size (its platform default)
+
+
 def kv_cache_bytes(arch: ModelArch, tokens: int, dtype: str) -> int:
     """Keys and values of `tokens` tokens over every layer."""
     per_token = 2 * arch.num_layers * arch.num_key_value_heads * arch.head_dim
@@ -254,7 +257,9 @@ def device_settings(config: VLLMEngineConfig, arch: ModelArch, platform: Any) ->
                               kv_cache_memory_bytes=None)
     if config.max_model_len is None:
         raise ValueError("vLLM on the CPU needs max_model_len (its KV cache is sized from it)")
-    tokens = config.max_model_len * config.cpu_kv_cache_sequences
+    # Whole blocks per sequence, and one more: vLLM keeps a null block.
+    blocks = config.cpu_kv_cache_sequences * math.ceil(config.max_model_len / CPU_BLOCK_TOKENS) + 1
+    tokens = blocks * CPU_BLOCK_TOKENS
     return DeviceSettings(sleep=False, enforce_eager=True,
                           kv_cache_memory_bytes=kv_cache_bytes(arch, tokens, config.dtype))
 

@@ -111,8 +111,9 @@ def test_cpu_settings_have_no_sleep_mode_eager_and_a_sized_kv_cache():
     config = ve.VLLMEngineConfig(max_model_len=100, dtype="float32", cpu_kv_cache_sequences=3)
     device = ve.device_settings(config, arch, current_platform)
     assert device.sleep is False and device.enforce_eager is True
-    # keys + values, 4 layers x 2 KV heads x head_dim 16, fp32, 3 sequences of 100 tokens
-    assert device.kv_cache_memory_bytes == 2 * 4 * 2 * 16 * 4 * 300
+    # keys + values, 4 layers x 2 KV heads x head_dim 16, fp32; 3 sequences of one 128-token
+    # block each, plus vLLM's null block
+    assert device.kv_cache_memory_bytes == 2 * 4 * 2 * 16 * 4 * 128 * (3 + 1)
     with pytest.raises(ValueError, match="max_model_len"):
         ve.device_settings(ve.VLLMEngineConfig(), arch, current_platform)
 
