@@ -28,7 +28,7 @@ from opd_megatron.runtime import distributed as rd
 from opd_megatron.stages.config import StageConfig
 from opd_megatron.stages.context import StageContext
 from opd_megatron.trainer.engine import build_trainable
-from tests.rollout.workers.native_worker import teacher_forced
+from tests.rollout.workers.native_worker import teacher_forced, truncated_at
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
 RECIPES = sorted(p.name for p in CONF.glob("*.yaml") if not p.name.startswith("smoke"))
@@ -113,10 +113,6 @@ def ranks_agree(rollouts) -> bool:
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
     return all(e == everyone[0] for e in everyone)
-
-
-def truncated_at(response, stop):
-    return response[:response.index(stop) + 1] if stop in response else response
 
 
 def sampling_checks(arch, model, engine, dtype):
