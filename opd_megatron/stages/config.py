@@ -25,7 +25,12 @@ class TrainerSection:
     tensorboard: bool = True
     wandb_project: str | None = None
     eval_every: int = 0
-    max_nonfinite_steps: int = 3          # stop after this many non-finite losses in a row
+    # Stop after this many steps in a row whose loss or gradient norm was not finite (each one
+    # is skipped on every rank: no update, no checkpoint).
+    max_nonfinite_steps: int = 3
+    # Signals that make every rank finish its step, checkpoint and exit 0 (SLURM's --signal
+    # sends SIGUSR1 when asked to; schedulers and `kill` send SIGTERM).
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     # Save and exit once the step count is a multiple of this (Megatron-LM's --exit-interval),
     # e.g. to fit a scheduler's time slot; `resume: auto` continues the schedule.
     exit_interval: int = 0
@@ -125,6 +130,13 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
         raise ConfigError(f"{where}: {message}")
 
     t = cfg.trainer
+    from opd_megatron.trainer.preemption import signal_number
+
+    for name in t.preempt_signals:
+        try:
+            signal_number(name)
+        except ValueError as err:
+            fail(f"trainer.preempt_signals: {err}")
     if cfg.data.train_path is None:
         fail("data.train_path is required")
     for key in ("train_path", "eval_path"):
