@@ -133,7 +133,8 @@ def test_the_gpu_stack_is_one_torch_and_megatrons_te_range():
     assert Version(pins["numpy"]) < Version("2.4")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["requires-python"] == ">=3.11,<3.13"   # vLLM 0.32.0 needs 3.11
-    assert "nvidia-modelopt[hf]==" in " ".join(project["optional-dependencies"]["gpu"])
+    # modelopt 0.47.0 has no `torch` extra, and its `hf` extra wants transformers < 5.15.
+    assert "nvidia-modelopt==" in " ".join(project["optional-dependencies"]["gpu"])
 
 
 def test_the_torch_stack_is_protected(instructions):
