@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -217,7 +218,7 @@ def opd_step_check(device: str, state: dict):
     def check() -> str:
         _need_cuda(device)
         student, teacher = _student_and_teacher()
-        state["student"] = student
+        state["student"], state["teacher"] = student, teacher
         tokens = _tokens(1).cuda()
         microbatches = [{"input_ids": tokens}]
         losses = []
@@ -422,7 +423,7 @@ def fp8_train_check(device: str):
             widths.append(mbs[0]["input_ids"].shape[1])
             metrics, info = model.train_step(mbs, loss_fn)
             losses.append(float(sum(m["loss"] for m in metrics) / len(metrics)))
-            if not (info["update_applied"] and all(map(torch.isfinite, map(torch.tensor, losses)))):
+            if not (info["update_applied"] and all(map(math.isfinite, losses))):
                 raise RuntimeError(f"step {step}: update skipped or non-finite loss ({losses})")
         return f"sequence lengths {widths} (odd inputs padded to 16), losses {losses}"
     return check
