@@ -99,15 +99,45 @@ def load_full_tensors(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]
     return iter_full_tensors(model_dir)
 
 
-def load_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True) -> None:
-    """Collective: loads DIR/model into this rank's chunks, whatever layout saved it."""
+# Transformer Engine modules keep FP8 scaling state in `<module>._extra_state`; checkpoints written
+# with the local layer spec (every CPU conversion) have none. Their absence is harmless: TE starts
+# from fresh scales, as it does for a new model.
+EXTRA_STATE_SUFFIX = "._extra_state"
+
+
+def load_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path) -> None:
+    """Collective: loads DIR/model into this rank's chunks, whatever layout saved it.
+
+    Only `*._extra_state` entries may be absent from the checkpoint; any other key the model has
+    and the checkpoint lacks (or the reverse) is a CheckpointError naming the keys.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     model_dir = Path(ckpt_dir) / MODEL_SUBDIR
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no model weights in checkpoint {ckpt_dir}")
     sharded = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(sharded, str(model_dir))
+    # RETURN_UNEXPECTED drops the model's keys the checkpoint lacks from the load and names them.
+    loaded, _, absent = dist_checkpointing.load(sharded, str(model_dir),
+                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    _check_only_extra_state(absent, model_dir, "the model has and the checkpoint lacks")
     for index, chunk in enumerate(chunks):
         module = getattr(chunk, "module", chunk)
-        module.load_state_dict(loaded[f"model{index}"], strict=strict)
+        result = module.load_state_dict(loaded[f"model{index}"], strict=False)
+        _check_only_extra_state(result.missing_keys, model_dir,
+                                "the model has and the checkpoint lacks")
+        if result.unexpected_keys:
+            raise CheckpointError(f"{model_dir}: keys the checkpoint has and the model lacks: "
+                                  f"{_listed(result.unexpected_keys)}")
+
+
+def _check_only_extra_state(keys, model_dir: Path, what: str) -> None:
+    other = sorted(k for k in keys if not k.endswith(EXTRA_STATE_SUFFIX))
+    if other:
+        raise CheckpointError(f"{model_dir}: keys {what}: {_listed(other)}")
+
+
+def _listed(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from opd_megatron.config.loader import ConfigError
-from opd_megatron.config.schema import OptimizerConfig, ParallelConfig
+from opd_megatron.config.schema import OptimizerConfig, ParallelConfig, PrecisionConfig
+from opd_megatron.data.shapes import check_context_parallel
 from opd_megatron.models.arch import ModelArch
 
 
@@ -43,13 +44,12 @@ def validate_layout(parallel: ParallelConfig, arch: ModelArch, world_size: int, 
     if parallel.expert_parallel != 1:
         fail(f"parallel.expert_parallel={parallel.expert_parallel}: the {arch.model_type} "
              "architecture is dense (no experts)")
+    check_context_parallel(parallel, where)
     if parallel.sequence_parallel and tp == 1:
         fail("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
     if not cuda:
         if parallel.sequence_parallel:
             fail("parallel.sequence_parallel=true needs Transformer Engine or apex norms (GPU only)")
-        if cp > 1:
-            fail(f"parallel.context_parallel={cp} needs Transformer Engine attention (GPU only)")
 
 
 def validate_optimizer(optim: OptimizerConfig, where: str = "<config>") -> None:
@@ -63,3 +63,15 @@ def validate_optimizer(optim: OptimizerConfig, where: str = "<config>") -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(optim, key) < 1:
             raise ConfigError(f"{where}: optimizer.{key}={getattr(optim, key)} must be in [0, 1)")
+
+
+def validate_precision(precision: PrecisionConfig, where: str = "<config>") -> None:
+    """What megatron-core would refuse only once the model is built."""
+    if precision.fp8_first_last_layers_bf16:
+        if precision.precision != "fp8":
+            raise ConfigError(f"{where}: precision.fp8_first_last_layers_bf16=true needs "
+                              f"precision.precision=fp8 (got {precision.precision})")
+        if precision.fp8_recipe == "delayed":
+            raise ConfigError(f"{where}: precision.fp8_first_last_layers_bf16=true does not work "
+                              "with precision.fp8_recipe=delayed (megatron-core refuses it); use "
+                              "tensorwise or blockwise")

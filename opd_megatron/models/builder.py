@@ -43,14 +43,29 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+# `trainer.recompute` as megatron-core's activation-recompute options: selective recomputes core
+# attention (megatron's default module list), full recomputes every transformer layer's input.
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+             "recompute_num_layers": 1},
+}
+
+
 def transformer_config(arch: ModelArch, parallel: ParallelConfig, plan: PrecisionPlan,
-                       *, initialize: bool = True):
+                       *, initialize: bool = True, recompute: str = "none",
+                       fp8_first_last_layers_bf16: bool = False):
+    """megatron-core's TransformerConfig; `fp8_first_last_layers_bf16` (precision.*) keeps the
+    first and last transformer layer of the model out of FP8 when the plan has an FP8 recipe."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     bf16 = plan.params_dtype == torch.bfloat16
     fp8 = {}
     if plan.fp8_recipe is not None:
-        fp8 = {"fp8": plan.fp8_format, "fp8_recipe": plan.fp8_recipe}
+        fp8 = {"fp8": plan.fp8_format, "fp8_recipe": plan.fp8_recipe,
+               "first_last_layers_bf16": fp8_first_last_layers_bf16,
+               "num_layers_at_start_in_bf16": 1, "num_layers_at_end_in_bf16": 1}
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -91,6 +106,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, plan: Precisio
         deallocate_pipeline_outputs=False,
         init_method_std=0.02,
         **fp8,
+        **RECOMPUTE[recompute],
     )
 
 
@@ -124,7 +140,7 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def build_model_chunks(arch: ModelArch, parallel: ParallelConfig, precision: PrecisionConfig,
                        *, make_vocab_size_divisible_by: int = 128,
                        caps: DeviceCaps | None = None, params_dtype: torch.dtype | None = None,
-                       initialize: bool = True) -> list[torch.nn.Module]:
+                       initialize: bool = True, recompute: str = "none") -> list[torch.nn.Module]:
     """This rank's GPTModel chunks: one per virtual pipeline stage (one without VPP).
 
     `params_dtype` overrides the precision plan's parameter dtype and `initialize=False` leaves the
@@ -137,7 +153,8 @@ def build_model_chunks(arch: ModelArch, parallel: ParallelConfig, precision: Pre
     plan = plan_precision(precision, caps or DeviceCaps.detect())
     if params_dtype is not None:
         plan = dataclasses.replace(plan, params_dtype=params_dtype)
-    config = transformer_config(arch, parallel, plan, initialize=initialize)
+    config = transformer_config(arch, parallel, plan, initialize=initialize, recompute=recompute,
+                                fp8_first_last_layers_bf16=precision.fp8_first_last_layers_bf16)
     spec = layer_spec(arch, plan)
     vocab = padded_vocab_size(arch.vocab_size, parallel.tensor_parallel,
                               make_vocab_size_divisible_by)

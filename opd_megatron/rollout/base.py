@@ -23,6 +23,9 @@ class SamplingParams:
     # Return the engine's top-K token ids and log-probs at every response position (OPD's
     # `support: given`); 0 disables.
     return_top_k: int = 0
+    # Whether the caller reads `Rollout.logprobs`. Evaluation does not, so an engine may sample
+    # where it cannot report the contract's log-probs (vLLM then fills them with NaN).
+    logprobs: bool = True
 
     def __post_init__(self):
         if self.temperature < 0:

@@ -59,7 +59,9 @@ class NativeRolloutEngine:
 
     def __init__(self, chunks: list[torch.nn.Module], arch: ModelArch, *,
                  eos_token_ids: int | Sequence[int] | None, pad_token_id: int,
-                 max_batch_size: int = 32):
+                 max_batch_size: int = 32, row_multiple: int = 1):
+        """`row_multiple`: every forward's row count divides by it (the run's ShapeContract:
+        a decode step is one token per row, so FP8's multiple falls on the rows)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if not 0 <= pad_token_id < arch.vocab_size:
@@ -71,6 +73,7 @@ class NativeRolloutEngine:
         self.eos_token_ids = tuple(eos_token_ids or ())
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
+        self.row_multiple = row_multiple
         self.update_weights(chunks)
 
     def update_weights(self, chunks: list[torch.nn.Module]) -> None:
@@ -111,10 +114,11 @@ class NativeRolloutEngine:
                         generators: list[torch.Generator]) -> list[Rollout]:
         from megatron.core import parallel_state as ps
 
-        # Equal micro-batches need a row count divisible by their number: filler rows are
-        # finished from the start and never sampled.
+        # Equal micro-batches need a row count divisible by their number, each a multiple of
+        # `row_multiple` rows: filler rows are finished from the start and never sampled.
         num_microbatches = ps.get_pipeline_model_parallel_world_size()
-        rows = len(batch) + (-len(batch)) % num_microbatches
+        step = num_microbatches * self.row_multiple
+        rows = len(batch) + (-len(batch)) % step
         lengths = torch.tensor([len(row.prompt) for row in batch]
                                + [len(batch[0].prompt)] * (rows - len(batch)))
         total = int(lengths.max()) + sampling.max_new_tokens

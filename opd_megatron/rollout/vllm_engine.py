@@ -24,6 +24,7 @@ sampling, and `generate` refuses sampling for which the chosen one would not.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ def logprobs_mode_for(temperature: float, top_k: int, top_p: float) -> str:
 
 
 def check_logprobs_mode(mode: str, sampling: SamplingParams) -> None:
+    """Refuse sampling whose log-probs the engine's `mode` cannot report, unless the caller
+    does not read them (`sampling.logprobs=False`, e.g. evaluation)."""
+    if not sampling.logprobs:
+        return
     truncated = sampling.top_k > 0 or sampling.top_p < 1.0
     ok = (mode == "processed_logprobs" and not truncated) or \
          (mode == "raw_logprobs" and sampling.temperature in (0.0, 1.0))
@@ -217,6 +222,20 @@ def vllm_engine_kwargs(config: VLLMEngineConfig, model_dir: str | Path) -> dict[
     }
 
 
+def engine_config(cfg, arch: ModelArch) -> VLLMEngineConfig:
+    """The engine a stage recipe asks for; its log-prob mode is the training rollout's."""
+    r = cfg.rollout
+    longest = cfg.data.max_seq_length + max(r.max_new_tokens, cfg.eval.max_new_tokens)
+    return VLLMEngineConfig(
+        tensor_parallel_size=r.vllm_tensor_parallel,
+        gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+        max_model_len=min(longest, arch.max_position_embeddings),
+        dtype="float32" if cfg.precision.precision == "fp32" else "bfloat16",
+        seed=cfg.seed,
+        logprobs_mode=logprobs_mode_for(r.temperature, r.top_k, r.top_p),
+    )
+
+
 def _megatron_replica_layout(vllm_tp: int) -> ReplicaLayout:
     if not torch.distributed.is_initialized():
         return ReplicaLayout()
@@ -264,24 +283,17 @@ class VLLMRolloutEngine:
         """From a stage recipe (opd_megatron.stages.config.StageConfig)."""
         from opd_megatron.data.tokenizer import load_tokenizer
 
-        r = cfg.rollout
-        longest = cfg.data.max_seq_length + max(r.max_new_tokens, cfg.eval.max_new_tokens)
-        config = VLLMEngineConfig(
-            tensor_parallel_size=r.vllm_tensor_parallel,
-            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-            max_model_len=min(longest, arch.max_position_embeddings),
-            dtype="float32" if cfg.precision.precision == "fp32" else "bfloat16",
-            seed=cfg.seed,
-            logprobs_mode=logprobs_mode_for(r.temperature, r.top_k, r.top_p),
-        )
         eos = load_tokenizer(tokenizer_dir).eos_token_id
-        return cls(config, arch, chunks=chunks, eos_token_ids=[eos])
+        return cls(engine_config(cfg, arch), arch, chunks=chunks, eos_token_ids=[eos])
 
     # --- memory: sleep while Megatron trains -------------------------------------------------
 
     def _wake(self, *tags: str) -> None:
         missing = [tag for tag in tags if tag not in self._awake]
         if missing:
+            # Hand the training step's cached, freed blocks back to the driver first: vLLM
+            # allocates its weights and KV cache outside PyTorch's caching allocator.
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=missing)
             self._awake.update(missing)
 
@@ -322,6 +334,10 @@ class VLLMRolloutEngine:
         outputs = self.llm.generate(to_vllm_prompts([prompts[i] for i in mine]), params,
                                     use_tqdm=False) if mine else []
         rollouts = rollouts_from_vllm(outputs, mine, sampling.return_top_k)
+        if not sampling.logprobs:
+            # Not the contract's log-probs: make any reader see it instead of a plausible number.
+            for rollout in rollouts:
+                rollout.logprobs = [math.nan] * len(rollout.logprobs)
         self.sleep()
         self._fresh = False
         if layout.num_engines == 1:

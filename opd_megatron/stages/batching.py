@@ -1,8 +1,10 @@
 """Turn token sequences into equal-shape micro-batches for `run_microbatches`.
 
 Sequences are right-padded (the causal mask then needs no padding term) to the longest sequence
-of this rank's step, so every micro-batch of one step has the same [b, s], as the pipeline
-schedule requires. `labels[t]` is the token after position t; masks are aligned to labels.
+of this rank's step, rounded up to the run's shape contract (opd_megatron.data.shapes), so every
+micro-batch of one step has the same [b, s], as the pipeline schedule requires, and one that
+Transformer Engine and megatron accept. `labels[t]` is the token after position t; masks are
+aligned to labels.
 """
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ from typing import Sequence
 
 import torch
 
+from opd_megatron.data.shapes import ShapeContract
+
 
 def shifted_microbatches(sequences: Sequence[Sequence[int]], label_masks: Sequence[Sequence[int]],
                          micro_batch_size: int, pad_id: int,
-                         extra: dict[str, Sequence] | None = None) -> list[dict]:
+                         extra: dict[str, Sequence] | None = None,
+                         shapes: ShapeContract = ShapeContract()) -> list[dict]:
     """Micro-batches of `input_ids`/`labels`/`loss_mask` [b, L-1] plus per-sequence `extra` fields.
 
     `label_masks[i][t]` is 1 where token t of sequence i is trained on (t >= 1).
@@ -21,7 +26,8 @@ def shifted_microbatches(sequences: Sequence[Sequence[int]], label_masks: Sequen
     if len(sequences) % micro_batch_size:
         raise ValueError(f"{len(sequences)} sequences do not split into micro-batches of "
                          f"{micro_batch_size}")
-    length = max(len(s) for s in sequences)
+    # Micro-batches hold tokens[:, :-1]: that shifted length is the one the contract pads.
+    length = shapes.sequence_length(max(len(s) for s in sequences) - 1) + 1
     tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.float32)
     for i, (seq, m) in enumerate(zip(sequences, label_masks)):

@@ -11,6 +11,7 @@ from typing import Literal
 
 from opd_megatron.config.loader import ConfigError
 from opd_megatron.config.schema import RunConfig
+from opd_megatron.config.validate import validate_precision
 
 
 @dataclass
@@ -34,6 +35,9 @@ class TrainerSection:
     # Save and exit once the step count is a multiple of this (Megatron-LM's --exit-interval),
     # e.g. to fit a scheduler's time slot; `resume: auto` continues the schedule.
     exit_interval: int = 0
+    # Activation recompute (megatron-core's): none, selective (core attention) or full (every
+    # layer's input is kept and the layer recomputed in backward); trades compute for memory.
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 @dataclass
@@ -42,6 +46,9 @@ class DataSection:
     eval_path: str | None = None
     skip_bad_rows: bool = False
     tokenizer: str | None = None          # defaults to the model's checkpoint directory
+    # Extra variables of the tokenizer's chat template for every prompt, student's and teacher's
+    # alike, e.g. {enable_thinking: false} for Qwen3's non-thinking mode.
+    chat_template_kwargs: dict = field(default_factory=dict)
     max_seq_length: int = 512
     # SFT: pack several samples per max_seq_length row with a block-causal mask (local layer
     # spec only: Transformer Engine takes packed sequences through cu_seqlens, not a mask).
@@ -129,9 +136,10 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
     def fail(message: str):
         raise ConfigError(f"{where}: {message}")
 
-    t = cfg.trainer
     from opd_megatron.trainer.preemption import signal_number
 
+    t = cfg.trainer
+    validate_precision(cfg.precision, where)
     for name in t.preempt_signals:
         try:
             signal_number(name)

@@ -4,10 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from opd_megatron.data.shapes import ShapeContract
 from opd_megatron.models.arch import ModelArch
 from opd_megatron.rollout.base import SamplingParams
 from opd_megatron.stages.config import StageConfig
 from opd_megatron.trainer.engine import TrainableModel
+
+
+def stage_tokenizer(cfg: StageConfig) -> tuple[object, str]:
+    """The run's one tokenizer (student and teacher share it) and the directory it came from."""
+    from opd_megatron.data.tokenizer import load_tokenizer
+
+    directory = str(cfg.data.tokenizer or cfg.model.megatron_dir or cfg.model.hf_dir)
+    return load_tokenizer(directory, cfg.data.chat_template_kwargs), directory
 
 
 @dataclass
@@ -26,6 +35,11 @@ class StageContext:
         return self.cfg.trainer.global_batch_size // self.dp_size
 
     @cached_property
+    def shapes(self) -> ShapeContract:
+        """What every micro-batch of this run is padded to (FP8, sequence/context parallelism)."""
+        return ShapeContract.for_run(self.cfg.precision, self.cfg.parallel)
+
+    @cached_property
     def engine(self):
         """The rollout engine over the live student weights."""
         if self.cfg.rollout.engine == "vllm":
@@ -37,7 +51,8 @@ class StageContext:
 
         return NativeRolloutEngine(self.model.chunks, self.arch,
                                    eos_token_ids=[self.tokenizer.eos_token_id],
-                                   pad_token_id=self.tokenizer.pad_token_id)
+                                   pad_token_id=self.tokenizer.pad_token_id,
+                                   row_multiple=self.shapes.row_multiple)
 
     def frozen_student_copy(self) -> list:
         """Forward-only chunks holding the student's current weights (a reference model, or
@@ -57,3 +72,10 @@ class StageContext:
                               max_new_tokens=r.max_new_tokens, n=r.samples_per_prompt,
                               seed=self.cfg.seed * 100003 + step * 1009 + self.dp_rank,
                               return_top_k=r.return_top_k)
+
+    def eval_sampling(self) -> SamplingParams:
+        """Evaluation scores decoded text only: it is not held to the rollout log-prob
+        contract, so it may sample at its own temperature on an engine set up for training."""
+        e = self.cfg.eval
+        return SamplingParams(temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                              n=e.samples_per_prompt, seed=self.cfg.seed + 7, logprobs=False)

@@ -20,6 +20,7 @@ import torch
 
 from opd_megatron.data.encoding import encode_prompt
 from opd_megatron.data.privileged import PIConfig
+from opd_megatron.data.shapes import ShapeContract
 from opd_megatron.losses import METRICS, vocab_parallel_distill_loss, vocab_parallel_logprobs
 from opd_megatron.rewards.scoring import RewardScorer
 from opd_megatron.runtime.distributed import current_device
@@ -64,7 +65,8 @@ def check_teacher_health(teacher_logprobs: torch.Tensor, mask: torch.Tensor, voc
     return ""
 
 
-def teacher_microbatches(tokenizer, pi: PIConfig | None, batch, micro_batch_size: int) -> list[dict]:
+def teacher_microbatches(tokenizer, pi: PIConfig | None, batch, micro_batch_size: int,
+                         shapes: ShapeContract = ShapeContract()) -> list[dict]:
     """The teacher's view of a rollout batch: its own prompt (with PI, if any) + the student's
     exact response tokens, with the lengths `response_index` needs."""
     seqs, masks, prompt_lens = [], [], []
@@ -76,7 +78,8 @@ def teacher_microbatches(tokenizer, pi: PIConfig | None, batch, micro_batch_size
     return shifted_microbatches(
         seqs, masks, micro_batch_size, tokenizer.pad_token_id,
         extra={"prompt_len": torch.tensor(prompt_lens),
-               "response_len": torch.tensor([len(r.response_ids) for r in batch.rollouts])})
+               "response_len": torch.tensor([len(r.response_ids) for r in batch.rollouts])},
+        shapes=shapes)
 
 
 def student_microbatches(batch, micro_batch_size: int) -> list[dict]:
@@ -153,7 +156,7 @@ class DistillStage(StageBase):
         mbs = cfg.trainer.micro_batch_size
         student_mbs = student_microbatches(batch, mbs)
         teacher_logits = self._teacher_logits(
-            teacher_microbatches(ctx.tokenizer, self.pi, batch, mbs))
+            teacher_microbatches(ctx.tokenizer, self.pi, batch, mbs, ctx.shapes))
         support = self._support_ids(batch.rollouts) if d.support == "given" else None
         advantages = None
         rewards = None

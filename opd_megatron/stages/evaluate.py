@@ -7,7 +7,6 @@ import torch
 from opd_megatron.data.dataset import load_prompt_dataset
 from opd_megatron.data.encoding import encode_prompt
 from opd_megatron.rewards.scoring import RewardScorer
-from opd_megatron.rollout.base import SamplingParams
 from opd_megatron.runtime.distributed import current_device
 
 
@@ -28,8 +27,7 @@ class Evaluator:
         ctx, e = self.ctx, self.ctx.cfg.eval
         count = min(e.num_examples, len(self.dataset))
         mine = [self.dataset[i] for i in range(ctx.dp_rank, count, ctx.dp_size)]
-        sampling = SamplingParams(temperature=e.temperature, max_new_tokens=e.max_new_tokens,
-                                  n=e.samples_per_prompt, seed=ctx.cfg.seed + 7)
+        sampling = ctx.eval_sampling()
         for chunk in ctx.model.chunks:
             chunk.eval()
         rollouts = ctx.engine.generate([encode_prompt(ctx.tokenizer, ex) for ex in mine], sampling)

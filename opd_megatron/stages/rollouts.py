@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from opd_megatron.data.encoding import encode_prompt
+from opd_megatron.data.shapes import ShapeContract
 from opd_megatron.data.tiny_tokenizer import HEDGING_WORDS
 from opd_megatron.losses import vocab_parallel_logprobs
 from opd_megatron.rollout.base import Rollout
@@ -27,15 +28,17 @@ def sample_rollouts(ctx, examples: list, step: int) -> RolloutBatch:
     for chunk in ctx.model.chunks:
         chunk.eval()
     rollouts = ctx.engine.generate(prompts, ctx.training_sampling(step))
-    return rollout_batch(ctx.tokenizer, examples, rollouts, ctx.cfg.trainer.micro_batch_size)
+    return rollout_batch(ctx.tokenizer, examples, rollouts, ctx.cfg.trainer.micro_batch_size,
+                         ctx.shapes)
 
 
-def rollout_batch(tokenizer, examples: list, rollouts: list[Rollout],
-                  micro_batch_size: int) -> RolloutBatch:
+def rollout_batch(tokenizer, examples: list, rollouts: list[Rollout], micro_batch_size: int,
+                  shapes: ShapeContract = ShapeContract()) -> RolloutBatch:
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
     seqs = [r.prompt_ids + r.response_ids for r in rollouts]
     masks = [[0] * len(r.prompt_ids) + [1] * len(r.response_ids) for r in rollouts]
-    microbatches = shifted_microbatches(seqs, masks, micro_batch_size, tokenizer.pad_token_id)
+    microbatches = shifted_microbatches(seqs, masks, micro_batch_size, tokenizer.pad_token_id,
+                                        shapes=shapes)
     return RolloutBatch(examples=[examples[r.prompt_index] for r in rollouts], rollouts=rollouts,
                         texts=texts, microbatches=microbatches)
 

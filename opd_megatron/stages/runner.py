@@ -52,9 +52,8 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
     check_reward_names(cfg, where)
     from megatron.core import parallel_state as ps
 
-    from opd_megatron.data.tokenizer import load_tokenizer
     from opd_megatron.runtime import distributed as rd
-    from opd_megatron.stages.context import StageContext
+    from opd_megatron.stages.context import StageContext, stage_tokenizer
     from opd_megatron.stages.loop import run_loop
     from opd_megatron.trainer.checkpointing import (
         latest_checkpoint,
@@ -65,10 +64,10 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
 
     rd.initialize(cfg.parallel, cfg.seed)
     try:
-        tokenizer_dir = cfg.data.tokenizer or cfg.model.megatron_dir or cfg.model.hf_dir
-        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer, tokenizer_dir = stage_tokenizer(cfg)
         model = build_trainable(arch, cfg.parallel, cfg.precision, cfg.optimizer,
-                                cfg.trainer.steps, cfg.model.make_vocab_size_divisible_by)
+                                cfg.trainer.steps, cfg.model.make_vocab_size_divisible_by,
+                                recompute=cfg.trainer.recompute)
         ctx = StageContext(cfg=cfg, arch=arch, model=model, tokenizer=tokenizer,
                            tokenizer_dir=str(tokenizer_dir), dp_rank=ps.get_data_parallel_rank(),
                            dp_size=ps.get_data_parallel_world_size())

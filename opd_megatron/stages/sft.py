@@ -52,7 +52,7 @@ class SFTStage(StageBase):
                                                cfg.data.max_seq_length, ctx.tokenizer.pad_token_id)
         else:
             microbatches = shifted_microbatches(seqs, masks, cfg.trainer.micro_batch_size,
-                                                ctx.tokenizer.pad_token_id)
+                                                ctx.tokenizer.pad_token_id, shapes=ctx.shapes)
         vocab = ctx.arch.vocab_size
 
         def loss_fn(logits, mb):

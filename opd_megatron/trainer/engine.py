@@ -112,7 +112,8 @@ def _any_rank_true(local: bool) -> bool:
 
 def build_trainable(arch: ModelArch, parallel: ParallelConfig, precision: PrecisionConfig,
                     optim: OptimizerConfig, total_steps: int,
-                    make_vocab_size_divisible_by: int = 128) -> TrainableModel:
+                    make_vocab_size_divisible_by: int = 128,
+                    recompute: str = "none") -> TrainableModel:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -120,7 +121,8 @@ def build_trainable(arch: ModelArch, parallel: ParallelConfig, precision: Precis
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     chunks = build_model_chunks(arch, parallel, precision,
-                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+                                make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                                recompute=recompute)
     config = chunks[0].config
     # Losses return (sum, num_tokens): Megatron divides by the global token count once the
     # gradients of all micro-batches and DP ranks are reduced, so every layout is a token-mean.
