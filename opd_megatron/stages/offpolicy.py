@@ -28,13 +28,10 @@ def mismatch_sums(logits: torch.Tensor, labels: torch.Tensor, engine: torch.Tens
 
 
 def mismatch_metrics(outputs: list[dict]) -> dict[str, float]:
-    outputs = [o for o in outputs if "mismatch_tokens" in o]
-    if not outputs:
-        return {}
-    tokens = max(sum(float(o["mismatch_tokens"]) for o in outputs), 1.0)
-    return {"rollout/logprob_diff_mean": sum(float(o["mismatch_abs_sum"]) for o in outputs) / tokens,
-            "rollout/logprob_diff_max": max(float(o["mismatch_abs_max"]) for o in outputs),
-            "gen_kl_error": sum(float(o["mismatch_kl_sum"]) for o in outputs) / tokens}
+    return _token_reduce(outputs, "mismatch_tokens",
+                         means={"rollout/logprob_diff_mean": "mismatch_abs_sum",
+                                "gen_kl_error": "mismatch_kl_sum"},
+                         maxima={"rollout/logprob_diff_max": "mismatch_abs_max"})
 
 
 def tis_sums(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -47,9 +44,18 @@ def tis_sums(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tenso
 
 def tis_metrics(outputs: list[dict]) -> dict[str, float]:
     """tis/weight_mean and tis/weight_max over response tokens."""
-    outputs = [o for o in outputs if "tis_tokens" in o]
+    return _token_reduce(outputs, "tis_tokens", means={"tis/weight_mean": "tis_weight_sum"},
+                         maxima={"tis/weight_max": "tis_weight_max"})
+
+
+def _token_reduce(outputs: list[dict], tokens: str, *, means: dict[str, str],
+                  maxima: dict[str, str]) -> dict[str, float]:
+    """Per-token means (sums over micro-batches / their token count) and maxima of the
+    micro-batch outputs that carry `tokens`; {} when none does."""
+    outputs = [o for o in outputs if tokens in o]
     if not outputs:
         return {}
-    tokens = max(sum(float(o["tis_tokens"]) for o in outputs), 1.0)
-    return {"tis/weight_mean": sum(float(o["tis_weight_sum"]) for o in outputs) / tokens,
-            "tis/weight_max": max(float(o["tis_weight_max"]) for o in outputs)}
+    count = max(sum(float(o[tokens]) for o in outputs), 1.0)
+    out = {name: sum(float(o[key]) for o in outputs) / count for name, key in means.items()}
+    out.update({name: max(float(o[key]) for o in outputs) for name, key in maxima.items()})
+    return out
