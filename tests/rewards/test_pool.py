@@ -31,8 +31,9 @@ def test_hanging_verifier_is_cut_off_at_its_timeout_and_counted(scorer):
     elapsed = time.monotonic() - begin
     assert scored.scores == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
     assert scored.num_errors == 2 and scored.num_timeouts == 1 and scored.failed_indices == [1, 3]
-    # One call waited out its 1 s timeout while the other worker kept scoring; plus a respawn.
-    assert 1.0 <= elapsed < 8.0
+    # The hung call was waited out for its 1 s timeout, not forever (the bound leaves room for
+    # respawning its worker on a loaded machine).
+    assert 1.0 <= elapsed < 30.0
     # The killed worker was replaced: the pool still scores.
     assert scorer(["ok", "ok"], examples(2)).scores == [1.0, 1.0]
 
