@@ -88,6 +88,19 @@ def test_opsd_system_prompt_runs(tiny_world, sft_ckpt, tmp_path, source):
     assert all(h["rollout/logprob_diff_max"] < 1e-5 for h in history)
 
 
+def test_sampled_pg_with_tis_logs_its_weights(tiny_world, tmp_path):
+    """TIS on the sampled-token OPD estimator: the fp32 native engine matches the trainer, so the
+    weights are 1."""
+    root, _ = tiny_world
+    out = tmp_path / "tis"
+    train(1, *opd_args(tiny_world, out, root / "student", root / "student", **{
+        "trainer.steps": 1, "distill.loss": "sampled_pg", "rollout.tis_cap": 2.0,
+        "data.eval_path": "null"}))
+    (row,) = read_metrics(out / "metrics.jsonl")
+    assert abs(row["tis/weight_mean"] - 1) < 1e-5 and row["tis/weight_max"] < 1 + 1e-5
+    assert row["rollout/logprob_diff_max"] < 1e-5 and row["loss"] == row["loss"]
+
+
 def run_cli_error(*args):
     proc = subprocess.run([sys.executable, "-m", "opd_megatron", "train", *args],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
