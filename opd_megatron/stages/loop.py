@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from opd_megatron.stages.config import StageConfig
+from opd_megatron.stages.timing import TIMER, phase
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,6 +47,15 @@ def is_metrics_reporter() -> bool:
     return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
 
+def trained_tokens_per_second(metrics: dict[str, float]) -> float:
+    """Loss tokens of the whole step (every data-parallel replica) per wall second."""
+    from megatron.core import parallel_state as ps
+
+    seconds = metrics["step_seconds"]
+    replicas = ps.get_data_parallel_world_size()
+    return metrics.get("tokens", 0.0) * replicas / seconds if seconds > 0 else 0.0
+
+
 def run_loop(cfg: StageConfig, stage: Stage, model, *, start_step: int,
              tokenizer_dir: str | None) -> dict:
     """Returns the `history` of logged metrics and `preempted`: the signal that stopped the run
@@ -65,13 +75,16 @@ def run_loop(cfg: StageConfig, stage: Stage, model, *, start_step: int,
     try:
         with PreemptionWatch(t.preempt_signals) as watch:
             if t.eval_every and start_step == 0:
-                initial = {f"eval/{k}": v for k, v in stage.evaluate().items()}
+                with phase("eval"):
+                    initial = {f"eval/{k}": v for k, v in stage.evaluate().items()}
+                initial["time/eval"] = TIMER.take()["time/eval"]
                 logger.log(0, initial)
                 history.append({"step": 0, **initial})
             for step in range(start_step, t.steps):
                 begin = time.time()
                 metrics = reduce_metrics(stage.step(step))
                 metrics["step_seconds"] = time.time() - begin
+                metrics["tokens_per_second"] = trained_tokens_per_second(metrics)
                 skipped = not math.isfinite(metrics.get("loss", 0.0)) or \
                     metrics.get("skipped_nonfinite", 0) > 0
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
@@ -81,14 +94,18 @@ def run_loop(cfg: StageConfig, stage: Stage, model, *, start_step: int,
                         f"(step {step + 1}); stopping (trainer.max_nonfinite_steps)")
                 preempted = watch.agreed()
                 if t.eval_every and (step + 1) % t.eval_every == 0 and not preempted:
-                    metrics.update({f"eval/{k}": v for k, v in stage.evaluate().items()})
-                logger.log(step + 1, metrics)
-                history.append({"step": step + 1, **metrics})
+                    with phase("eval"):
+                        metrics.update({f"eval/{k}": v for k, v in stage.evaluate().items()})
                 exiting = bool(preempted) or (
                     bool(t.exit_interval) and (step + 1) % t.exit_interval == 0)
-                saved = _save_if_due(cfg, stage, model, step + 1, skipped=skipped,
-                                     last=exiting or step + 1 == t.steps,
-                                     tokenizer_dir=tokenizer_dir)
+                with phase("checkpoint"):
+                    saved = _save_if_due(cfg, stage, model, step + 1, skipped=skipped,
+                                         last=exiting or step + 1 == t.steps,
+                                         tokenizer_dir=tokenizer_dir)
+                # Logged after the save, so that the row carries this step's checkpoint time.
+                metrics.update(reduce_metrics(TIMER.take()))
+                logger.log(step + 1, metrics)
+                history.append({"step": step + 1, **metrics})
                 if preempted and rank0:
                     where = saved or _newest_checkpoint(out_dir)
                     print(f"preempted by {preempted} after step {step + 1}: "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from opd_megatron.models.arch import ModelArch
-from opd_megatron.stages.config import StageConfig, validate_stage_config
+from opd_megatron.stages.config import StageConfig, schedule_in_updates, validate_stage_config
 
 
 def stage_class(name: str):
@@ -65,8 +65,9 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
     rd.initialize(cfg.parallel, cfg.seed)
     try:
         tokenizer, tokenizer_dir = stage_tokenizer(cfg)
-        model = build_trainable(arch, cfg.parallel, cfg.precision, cfg.optimizer,
-                                cfg.trainer.steps, cfg.model.make_vocab_size_divisible_by,
+        optim, total_updates = schedule_in_updates(cfg)
+        model = build_trainable(arch, cfg.parallel, cfg.precision, optim, total_updates,
+                                cfg.model.make_vocab_size_divisible_by,
                                 recompute=cfg.trainer.recompute)
         ctx = StageContext(cfg=cfg, arch=arch, model=model, tokenizer=tokenizer,
                            tokenizer_dir=str(tokenizer_dir), dp_rank=ps.get_data_parallel_rank(),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from opd_megatron.stages.config import StageConfig
+from opd_megatron.stages import loop
 from opd_megatron.stages.loop import NonFiniteLossError, run_loop
 from opd_megatron.trainer import checkpointing
 
@@ -43,6 +44,9 @@ class ScriptedStage:
 
 @pytest.fixture
 def saves(monkeypatch):
+    # No megatron parallel state in this process: the loop's throughput metric needs the
+    # data-parallel size, one here.
+    monkeypatch.setattr(loop, "trained_tokens_per_second", lambda metrics: 0.0)
     saved = []
 
     def record(root, iteration, model, stage_state, *, keep_last, tokenizer_dir=None):
