@@ -6,6 +6,7 @@
 # Outside torchrun it starts torchrun for this node from the usual variables:
 #   NNODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
 #   GPUS_PER_NODE (the GPUs nvidia-smi lists, else 1)
+#   SHUTDOWN_TIMEOUT (300): seconds the ranks get to checkpoint after a preemption signal
 # Under torchrun (`torchrun ... --no-python examples/run_opd.sh RECIPE`, or any launcher that
 # started one process per GPU and exported RANK, LOCAL_RANK, WORLD_SIZE) it execs the entry point.
 # --dry-run prints the command instead of running it. PYTHON overrides the interpreter and
@@ -86,6 +87,11 @@ opd_launch() {
              "--master-addr=${MASTER_ADDR:-127.0.0.1}"
              "--master-port=${MASTER_PORT:-29500}"
              "--nproc-per-node=${GPUS_PER_NODE:-$(opd_gpu_count)}"
+             # Forward SLURM's warning signal to the ranks too (they checkpoint and exit 0: the
+             # recipe's trainer.preempt_signals), and give them time to write that checkpoint
+             # before torchrun's SIGKILL.
+             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+             "--shutdown-timeout=${SHUTDOWN_TIMEOUT:-300}"
              "${entry[@]}")
     fi
     if [ "$dry_run" = 1 ]; then

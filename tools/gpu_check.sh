@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The prepared one-GPU check (tools/gpu_check.py): bf16 and FP8 forward, the losses on CUDA vs the
-# CPU float64 reference, a short OPD step and a vLLM refit, as one markdown table on stdout
-# (tracebacks of failed rows on stderr). Bounded to 5 minutes.
+# CPU float64 reference, a short OPD step, a vLLM refit, a CPU-converted checkpoint in TE models,
+# FP8 steps on odd lengths, the OPD recipe's evaluation through vLLM, refit after a train step,
+# GPU memory around sleep/wake/train and the FP8 export served by vLLM: one numbered markdown
+# table on stdout, each row pass/fail/skip (tracebacks on stderr); exits 1 when a row failed.
+# Bounded to 10 minutes.
 #
 #   tools/gpu_check.sh [--only forward,losses,...]
 #   docker run --rm --gpus 1 opd-megatron:0.1.0 tools/gpu_check.sh
@@ -14,4 +17,4 @@ fi
 # One GPU, even on a multi-GPU node; keep the caller's choice if there is one.
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
-exec timeout --kill-after=10 290 "${PYTHON:-python}" tools/gpu_check.py --device cuda "$@"
+exec timeout --kill-after=10 590 "${PYTHON:-python}" tools/gpu_check.py --device cuda "$@"

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-MODELOPT_HINT = "pip install 'nvidia-modelopt[torch]==0.47.0' or use the docker/Dockerfile image"
+MODELOPT_HINT = "pip install -e '.[gpu]' (nvidia-modelopt) or use the docker/Dockerfile image"
 
 
 class ToolError(RuntimeError):
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
         texts = calibration_texts(args.calib_data, args.num_calib, chat_renderer(tokenizer))
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16,
-                                                     device_map="cuda").eval()
+        # .cuda() rather than device_map: device_map needs accelerate, which the stack lacks.
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16).cuda().eval()
         quantize_fp8(model, tokenizer, texts, args.max_length, mtq)
         export_hf_checkpoint(model, export_dir=args.out)
         tokenizer.save_pretrained(args.out)

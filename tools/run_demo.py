@@ -9,7 +9,8 @@ Megatron with the conversion tools, SFT-warms both, adapts the teacher with RLVR
 OPD (student <- RLVR teacher), OPSD with a shared system-prompt rule, and OPSD with the
 per-instance answer; exports the OPD student to HF, evaluates it with transformers, and prints a
 table. Every stage runs through `python -m opd_megatron train` with a recipe from conf/.
-Writes runs/demo/summary.json: {"stages": {stage: {metric: value}}, "wall_seconds": N}.
+Writes runs/demo/summary.json: {"stages": {stage: {metric: value}}, "wall_seconds": N}, the
+distillation curves (curves.png) and where the RL steps' time went (phases.png).
 """
 from __future__ import annotations
 
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         "sft_teacher": {"accuracy_before": sft_teacher["before"], "accuracy_after": sft_teacher["after"]},
         "sft_student": {"accuracy_before": sft_student["before"], "accuracy_after": sft_student["after"]},
         "rlvr_teacher": {"accuracy_before": rlvr["before"], "accuracy_after": rlvr["after"],
-                         "final_reward": last(rlvr, "reward")},
+                         "final_reward": last(rlvr, "reward"),
+                         "clip_fraction": last(rlvr, "clip_fraction"),
+                         "logprob_diff_max": last(rlvr, "rollout/logprob_diff_max")},
         "opd": {"student_accuracy_before": opd["before"], "student_accuracy_after": opd["after"],
                 "final_topk_overlap": last(opd, "topk_overlap")},
         "opsd_system_prompt": {"student_accuracy_before": opsd_rule["before"],
@@ -227,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "tools/plot_metrics.py", str(root / "opd_student"),
                     str(root / "opsd_rule_student"), str(root / "opsd_answer_student"),
                     "--out", str(root / "curves.png")], cwd=REPO, check=False)
+    subprocess.run([sys.executable, "tools/plot_metrics.py", str(root / "rlvr_teacher"),
+                    str(root / "opd_student"), "--phases", "--out", str(root / "phases.png")],
+                   cwd=REPO, check=False)
     return 0
 
 

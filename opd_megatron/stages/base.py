@@ -25,10 +25,10 @@ class StageBase:
         return [self.dataset[i] for i in self.sampler.next_batch()]
 
     def step_metrics(self, outputs: list[dict], info: dict, *,
-                     averaged: tuple[str, ...] = ()) -> dict:
+                     averaged: tuple[str, ...] = (), maxed: tuple[str, ...] = ()) -> dict:
         """The step's optimizer numbers, plus (on the reporting rank) the token-mean loss from
-        the micro-batches' `loss_sum`/`tokens`, the micro-batch mean of each key in `averaged`
-        and the count of skipped malformed rows."""
+        the micro-batches' `loss_sum`/`tokens`, the micro-batch mean of each key in `averaged`,
+        the largest value of each key in `maxed` and the count of skipped malformed rows."""
         metrics = {"lr": info["lr"], "grad_norm": info["grad_norm"],
                    "skipped_nonfinite": float(info["skipped_nonfinite"])}
         if outputs and is_metrics_reporter():
@@ -39,6 +39,9 @@ class StageBase:
             for key in averaged:
                 if key in outputs[0]:
                     metrics[key] = sum(float(o[key]) for o in outputs) / len(outputs)
+            for key in maxed:
+                if key in outputs[0]:
+                    metrics[key] = max(float(o[key]) for o in outputs)
         return metrics
 
     def evaluate(self) -> dict[str, float]:

@@ -5,12 +5,12 @@ the ones it needs in `validate_stage_config`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from opd_megatron.config.loader import ConfigError
-from opd_megatron.config.schema import RunConfig
+from opd_megatron.config.schema import OptimizerConfig, RunConfig
 from opd_megatron.config.validate import validate_precision
 
 
@@ -26,7 +26,12 @@ class TrainerSection:
     tensorboard: bool = True
     wandb_project: str | None = None
     eval_every: int = 0
-    max_nonfinite_steps: int = 3          # stop after this many non-finite losses in a row
+    # Stop after this many steps in a row whose loss or gradient norm was not finite (each one
+    # is skipped on every rank: no update, no checkpoint).
+    max_nonfinite_steps: int = 3
+    # Signals that make every rank finish its step, checkpoint and exit 0 (SLURM's --signal
+    # sends SIGUSR1 when asked to; schedulers and `kill` send SIGTERM).
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     # Save and exit once the step count is a multiple of this (Megatron-LM's --exit-interval),
     # e.g. to fit a scheduler's time slot; `resume: auto` continues the schedule.
     exit_interval: int = 0
@@ -62,9 +67,15 @@ class RolloutSection:
     return_top_k: int = 0
     vllm_tensor_parallel: int = 1
     vllm_gpu_memory_utilization: float = 0.5
-    # vLLM only: every N steps the step's rollouts are scored by the student (teacher-forced)
-    # and `gen_kl_error` logged, which catches a stale or mis-mapped refit; 0 never.
-    verify_every: int = 1
+    # Truncated importance sampling against the engine/trainer log-prob mismatch: each token's
+    # policy gradient weighted by min(pi_trainer / pi_engine, tis_cap) (GRPO and the sampled_pg
+    # distillation loss); 0 disables.
+    tis_cap: float = 0.0
+    # vLLM only: every N steps the step's rollouts are scored again by the student, forward-only
+    # in eval mode, and `refit/gen_kl_error` logged (a stale or mis-mapped refit shows there
+    # apart from any training-mode noise); 0 never. Every step's `gen_kl_error` comes from the
+    # training forward itself (stages/offpolicy.py).
+    verify_every: int = 0
 
 
 @dataclass
@@ -73,8 +84,30 @@ class GRPOSection:
     clip_high: float = 0.28
     kl_coef: float = 0.0
     normalize_std: bool = True
+    # PPO-style updates per rollout batch: the batch's micro-batches split into `mini_batches`
+    # optimizer steps, the whole pass repeated `epochs` times; the clip acts from the second.
+    mini_batches: int = 1
+    epochs: int = 1
+    # DAPO dynamic sampling: drop prompt groups whose rewards are all equal (no advantage) and
+    # draw more prompts until the batch is full, at most `dynamic_sampling_max_draws` draws
+    # (then the batch is topped up with dropped groups, which carry no gradient).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = 4
+    # DAPO overlong handling: `overlong_filter` masks the loss of truncated responses;
+    # `overlong_buffer` > 0 subtracts overlong_penalty * (excess / buffer) from the reward of
+    # responses longer than rollout.max_new_tokens - overlong_buffer.
+    overlong_filter: bool = False
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     reward: str = "exact_match"
-    reward_on_error: Literal["raise", "zero"] = "raise"
+    # A reward that raises or times out scores 0 and is counted (reward/errors); the run stops
+    # once more than reward_max_error_rate of the responses so far failed (raise: at the first).
+    reward_on_error: Literal["raise", "zero"] = "zero"
+    reward_max_error_rate: float = 0.05
+    # Rewards run in this many worker processes, each call cut off after reward_timeout seconds
+    # (math-verify can hang); 0 scores in the trainer process without a timeout.
+    reward_workers: int = 2
+    reward_timeout: float = 10.0
     # Modules imported before the run; they register custom rewards with
     # opd_megatron.rewards.registry.register_reward.
     reward_plugins: list[str] = field(default_factory=list)
@@ -134,8 +167,15 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
     def fail(message: str):
         raise ConfigError(f"{where}: {message}")
 
+    from opd_megatron.trainer.preemption import signal_number
+
     t = cfg.trainer
     validate_precision(cfg.precision, where)
+    for name in t.preempt_signals:
+        try:
+            signal_number(name)
+        except ValueError as err:
+            fail(f"trainer.preempt_signals: {err}")
     if cfg.data.train_path is None:
         fail("data.train_path is required")
     for key in ("train_path", "eval_path"):
@@ -155,6 +195,7 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
         fail(f"rollout.verify_every={cfg.rollout.verify_every} must be >= 0 (0: never)")
     if cfg.stage == "rlvr" and cfg.rollout.samples_per_prompt < 2:
         fail("rollout.samples_per_prompt must be >= 2 for GRPO (group-normalized advantages)")
+    validate_rl_options(cfg, per_rank // t.micro_batch_size, fail)
     if cfg.stage in ("opd", "opsd"):
         from opd_megatron.losses import LOSSES
 
@@ -175,3 +216,35 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
             fail("stage opsd needs teacher.source=initial or live (the student's own weights)")
         if cfg.teacher.pi.mode == "none":
             fail("stage opsd needs teacher.pi.mode (system_prompt, answer_only or full_solution)")
+
+
+def validate_rl_options(cfg: StageConfig, microbatches_per_rank: int, fail) -> None:
+    g, r = cfg.grpo, cfg.rollout
+    if g.mini_batches < 1 or g.epochs < 1:
+        fail("grpo.mini_batches and grpo.epochs must be >= 1")
+    if microbatches_per_rank % g.mini_batches:
+        fail(f"grpo.mini_batches={g.mini_batches} does not divide the {microbatches_per_rank} "
+             "micro-batches of a rank's rollout batch")
+    if r.tis_cap < 0:
+        fail(f"rollout.tis_cap={r.tis_cap} must be >= 0 (0 disables)")
+    if r.tis_cap and cfg.stage in ("opd", "opsd") and cfg.distill.loss != "sampled_pg":
+        fail(f"rollout.tis_cap applies to GRPO and distill.loss=sampled_pg, not "
+             f"distill.loss={cfg.distill.loss}")
+    if g.dynamic_sampling_max_draws < 1:
+        fail("grpo.dynamic_sampling_max_draws must be >= 1")
+    if not 0 <= g.overlong_buffer < r.max_new_tokens:
+        fail(f"grpo.overlong_buffer={g.overlong_buffer} must be in [0, rollout.max_new_tokens="
+             f"{r.max_new_tokens})")
+    if not 0 <= g.reward_max_error_rate <= 1:
+        fail(f"grpo.reward_max_error_rate={g.reward_max_error_rate} must be in [0, 1]")
+    if g.reward_workers < 0 or g.reward_timeout <= 0:
+        fail("grpo.reward_workers must be >= 0 and grpo.reward_timeout > 0")
+
+
+def schedule_in_updates(cfg: StageConfig) -> tuple[OptimizerConfig, int]:
+    """The optimizer section and total count in optimizer updates: GRPO makes
+    mini_batches x epochs updates per step, and the LR schedule (counted by Megatron per
+    update) keeps its warmup and decay in steps."""
+    updates = cfg.grpo.mini_batches * cfg.grpo.epochs if cfg.stage == "rlvr" else 1
+    optim = replace(cfg.optimizer, warmup_steps=cfg.optimizer.warmup_steps * updates)
+    return optim, cfg.trainer.steps * updates

@@ -66,11 +66,13 @@ class StageContext:
             frozen.load_state_dict(live.module.state_dict())
         return chunks
 
-    def training_sampling(self, step: int) -> SamplingParams:
+    def training_sampling(self, step: int, draw: int = 0) -> SamplingParams:
+        """Sampling for `step`'s rollouts; `draw` numbers further draws within one step."""
         r = self.cfg.rollout
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_new_tokens, n=r.samples_per_prompt,
-                              seed=self.cfg.seed * 100003 + step * 1009 + self.dp_rank,
+                              seed=(self.cfg.seed * 100003 + step * 1009 + self.dp_rank
+                                    + draw * 7919),
                               return_top_k=r.return_top_k)
 
     def eval_sampling(self) -> SamplingParams:

@@ -22,13 +22,16 @@ from opd_megatron.data.encoding import encode_prompt
 from opd_megatron.data.privileged import PIConfig
 from opd_megatron.data.shapes import ShapeContract
 from opd_megatron.losses import METRICS, vocab_parallel_distill_loss, vocab_parallel_logprobs
-from opd_megatron.rewards.scoring import RewardScorer
+from opd_megatron.losses.importance import truncated_is_weights
 from opd_megatron.runtime.distributed import current_device
 from opd_megatron.stages.alignment import gather_positions, response_index
 from opd_megatron.stages.batching import shifted_microbatches
 from opd_megatron.stages.base import StageBase
+from opd_megatron.stages.offpolicy import mismatch_metrics, mismatch_sums, tis_metrics, tis_sums
+from opd_megatron.stages.replica_rewards import ReplicaScorer
 from opd_megatron.stages.rlvr import group_advantages
 from opd_megatron.stages.rollouts import response_diagnostics, sample_rollouts
+from opd_megatron.stages.timing import phase
 from opd_megatron.trainer.schedule import run_microbatches
 
 
@@ -99,8 +102,7 @@ class DistillStage(StageBase):
         pi = cfg.teacher.pi
         self.pi = None if pi.mode == "none" else PIConfig(mode=pi.mode, system_prompt=pi.system_prompt,
                                                           template=pi.template)
-        self.scorer = (RewardScorer(cfg.grpo.reward, on_error=cfg.grpo.reward_on_error)
-                       if cfg.distill.reward_weight > 0 else None)
+        self.scorer = ReplicaScorer(cfg, cfg.grpo.reward) if cfg.distill.reward_weight > 0 else None
         self.teacher = self._build_teacher()
 
     def _build_teacher(self) -> list[torch.nn.Module]:
@@ -155,13 +157,15 @@ class DistillStage(StageBase):
         batch = sample_rollouts(ctx, examples, step)
         mbs = cfg.trainer.micro_batch_size
         student_mbs = student_microbatches(batch, mbs)
-        teacher_logits = self._teacher_logits(
-            teacher_microbatches(ctx.tokenizer, self.pi, batch, mbs, ctx.shapes))
+        with phase("teacher"):
+            teacher_logits = self._teacher_logits(
+                teacher_microbatches(ctx.tokenizer, self.pi, batch, mbs, ctx.shapes))
         support = self._support_ids(batch.rollouts) if d.support == "given" else None
         advantages = None
-        rewards = None
+        rewards = scored = None
         if self.scorer is not None:
-            rewards = torch.tensor(self.scorer(batch.texts, batch.examples).scores)
+            scored = self.scorer(batch.texts, batch.examples)
+            rewards = torch.tensor(scored.scores)
             n = cfg.rollout.samples_per_prompt
             advantages = (group_advantages(rewards, n, cfg.grpo.normalize_std) if n > 1
                           else rewards - rewards.mean())
@@ -173,6 +177,8 @@ class DistillStage(StageBase):
             if advantages is not None:
                 mb["advantages"] = advantages[index * mbs:(index + 1) * mbs]
         health = self._check_teacher(student_mbs, teacher_logits, vocab)
+        sample_temperature = cfg.rollout.temperature or 1.0
+        tis_cap = cfg.rollout.tis_cap
 
         def loss_fn(logits, mb):
             index, mask = response_index(mb["prompt_len"], mb["response_len"], logits.shape[1])
@@ -181,30 +187,45 @@ class DistillStage(StageBase):
             support_ids = mb.get("support_ids")
             if support_ids is not None:
                 support_ids = support_ids[:, :student.shape[1]]
+            engine = gather_positions(mb["engine_logprobs"], index)
+            # One update per rollout batch: these logits are the weights the engine sampled with.
+            extra = mismatch_sums(student, sampled, engine, mask, vocab, sample_temperature)
+            weights = torch.ones_like(mask)
+            if tis_cap:
+                trainer = vocab_parallel_logprobs(student.detach(), sampled, vocab_size=vocab,
+                                                  temperature=sample_temperature)
+                weights = truncated_is_weights(trainer, engine, tis_cap)
+                extra.update(tis_sums(weights, mask))
             per_token, m = vocab_parallel_distill_loss(
                 student, mb["teacher_logits"], loss=d.loss, top_k=d.top_k, support=d.support,
                 temperature=d.temperature, loss_mask=mask, sampled_ids=sampled,
                 support_ids=support_ids, beta=d.beta, vocab_size=vocab)
-            loss_sum = per_token.sum()
-            extra = {}
+            # TIS (sampled_pg only, validated): the sampled-token estimator is reweighted.
+            loss_sum = (per_token * weights).sum()
             if "advantages" in mb:
                 logp = vocab_parallel_logprobs(student, sampled, vocab_size=vocab,
                                                temperature=d.temperature)
                 # exp(logp - sg(logp)) is 1 in value with gradient grad(logp): REINFORCE.
-                policy = -(mb["advantages"][:, None] * torch.exp(logp - logp.detach()) * mask).sum()
+                policy = -(mb["advantages"][:, None] * torch.exp(logp - logp.detach())
+                           * weights * mask).sum()
                 loss_sum = loss_sum + d.reward_weight * policy
                 extra["policy_loss_sum"] = policy.detach()
             return loss_sum, mask.sum(), {"loss_sum": loss_sum.detach(), "tokens": mask.sum(),
                                           **{k: v.detach() for k, v in m.items()}, **extra}
 
-        outputs, info = ctx.model.train_step(student_mbs, loss_fn)
+        with phase("train"):
+            outputs, info = ctx.model.train_step(student_mbs, loss_fn)
         metrics = self.step_metrics(outputs, info, averaged=tuple(METRICS))
         if "loss" in metrics:
             metrics.update(health)
             metrics.update(response_diagnostics(batch))
+            metrics.update(mismatch_metrics(outputs))
+            metrics.update(tis_metrics(outputs))
             metrics.update(batch.refit_metrics)
             if rewards is not None:
                 metrics["reward"] = float(rewards.mean())
+                metrics["reward/errors"] = float(scored.num_errors)
+                metrics["reward/timeouts"] = float(scored.num_timeouts)
             student_lp = [lp for r in batch.rollouts for lp in r.logprobs]
             if student_lp and "teacher_logprob" in metrics:
                 metrics["student_logprob"] = sum(student_lp) / len(student_lp)

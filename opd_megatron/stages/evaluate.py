@@ -6,8 +6,9 @@ import torch
 
 from opd_megatron.data.dataset import load_prompt_dataset
 from opd_megatron.data.encoding import encode_prompt
-from opd_megatron.rewards.scoring import RewardScorer
+from opd_megatron.rollout.base import SamplingParams
 from opd_megatron.runtime.distributed import current_device
+from opd_megatron.stages.replica_rewards import ReplicaScorer
 
 
 class Evaluator:
@@ -18,8 +19,7 @@ class Evaluator:
         if cfg.data.eval_path:
             self.dataset = load_prompt_dataset(cfg.data.eval_path,
                                                skip_bad_rows=cfg.data.skip_bad_rows)
-        self.scorer = RewardScorer(cfg.eval.reward, on_error=cfg.grpo.reward_on_error,
-                                   options=cfg.eval.reward_options)
+        self.scorer = ReplicaScorer(cfg, cfg.eval.reward, cfg.eval.reward_options)
 
     def run(self) -> dict[str, float]:
         if self.dataset is None:

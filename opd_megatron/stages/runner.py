@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from opd_megatron.models.arch import ModelArch
-from opd_megatron.stages.config import StageConfig, validate_stage_config
+from opd_megatron.stages.config import StageConfig, schedule_in_updates, validate_stage_config
 
 
 def stage_class(name: str):
@@ -65,8 +65,9 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
     rd.initialize(cfg.parallel, cfg.seed)
     try:
         tokenizer, tokenizer_dir = stage_tokenizer(cfg)
-        model = build_trainable(arch, cfg.parallel, cfg.precision, cfg.optimizer,
-                                cfg.trainer.steps, cfg.model.make_vocab_size_divisible_by,
+        optim, total_updates = schedule_in_updates(cfg)
+        model = build_trainable(arch, cfg.parallel, cfg.precision, optim, total_updates,
+                                cfg.model.make_vocab_size_divisible_by,
                                 recompute=cfg.trainer.recompute)
         ctx = StageContext(cfg=cfg, arch=arch, model=model, tokenizer=tokenizer,
                            tokenizer_dir=str(tokenizer_dir), dp_rank=ps.get_data_parallel_rank(),
@@ -86,8 +87,8 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
             stage.load_state_dict(state["stage"])
             start = state["iteration"]
         result = run_loop(cfg, stage, model, start_step=start, tokenizer_dir=str(tokenizer_dir))
-        result["final_eval"] = (stage.evaluate() if cfg.data.eval_path
-                                and not result.get("preempted") else {})
+        result["final_eval"] = stage.evaluate() if cfg.data.eval_path and not result[
+            "preempted"] else {}
         return result
     finally:
         rd.shutdown()

@@ -9,6 +9,7 @@ from opd_megatron.data.packing import pack_sequences, segment_causal_mask
 from opd_megatron.losses import vocab_parallel_cross_entropy_loss
 from opd_megatron.stages.base import StageBase
 from opd_megatron.stages.batching import shifted_microbatches
+from opd_megatron.stages.timing import phase
 
 
 def packed_microbatches(seqs: list[list[int]], masks: list[list[int]], micro_batch_size: int,
@@ -62,5 +63,6 @@ class SFTStage(StageBase):
             return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(),
                                           "tokens": num_tokens.detach()}
 
-        outputs, info = ctx.model.train_step(microbatches, loss_fn)
+        with phase("train"):
+            outputs, info = ctx.model.train_step(microbatches, loss_fn)
         return self.step_metrics(outputs, info)

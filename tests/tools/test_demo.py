@@ -19,3 +19,6 @@ def test_demo_smallest_size(tmp_path):
             assert 0.0 <= stages[stage][key] <= 1.0
     assert set(stages) >= {"sft_teacher", "sft_student", "rlvr_teacher", "export_hf"}
     assert "opsd_system_prompt" in proc.stdout and (out / "curves.png").is_file()
+    # The RLVR stage takes two PPO updates per batch and logs the engine/trainer comparison.
+    assert stages["rlvr_teacher"]["logprob_diff_max"] < 1e-5
+    assert stages["rlvr_teacher"]["clip_fraction"] >= 0 and (out / "phases.png").is_file()

@@ -22,3 +22,16 @@ def test_plots_keys_present_in_runs(tmp_path):
 def test_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no metrics" in capsys.readouterr().err
+
+
+def test_phase_breakdown_stacks_each_steps_phase_seconds(tmp_path, capsys):
+    rows = [{"step": 0, "time/eval": 3.0}] + [
+        {"step": i, "time/generate": 1.0, "time/train": 0.5, "time/reward": 0.0} for i in (1, 2)]
+    run = write_run(tmp_path / "rlvr", rows)
+    out = tmp_path / "phases.png"
+    assert main([str(run), "--phases", "--out", str(out)]) == 0
+    assert "generate, train" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bare = write_run(tmp_path / "bare", [{"step": 1, "loss": 1.0}])
+    assert main([str(bare), "--phases", "--out", str(out)]) == 2
+    assert "no per-phase timings" in capsys.readouterr().err

@@ -175,6 +175,15 @@ def main():
     model.eval()
     tempered = engine.generate(PROMPTS, SamplingParams(temperature=0.7, max_new_tokens=6, seed=3,
                                                        return_top_k=TOP_K))
+    # FP8's row multiple (the shape contract): filler rows must not change a single rollout.
+    fp8_rows = NativeRolloutEngine(model.chunks, ARCH, eos_token_ids=None, pad_token_id=0,
+                                   max_batch_size=4, row_multiple=16)
+    padded = fp8_rows.generate(PROMPTS, SamplingParams(temperature=0.7, max_new_tokens=6, seed=3,
+                                                       return_top_k=TOP_K))
+    report["row_multiple"] = {
+        "same_tokens": [r.response_ids for r in padded] == [r.response_ids for r in tempered],
+        "logprob_diff": max(abs(a - b) for p, t in zip(padded, tempered)
+                            for a, b in zip(p.logprobs, t.logprobs))}
     report.update(
         greedy=[r.response_ids for r in greedy],
         greedy_finish=[r.finish_reason for r in greedy],
