@@ -16,7 +16,8 @@ def test_opd_with_vllm_logs_gen_kl_error_below_1e_4_every_step(tiny_world, tmp_p
     teacher = make_checkpoint(tmp_path / "teacher", VLLM_TINY, seed=2)
     out = tmp_path / "opd"
     train(1, *opd_args(tiny_world, out, student, teacher, **{
-        "rollout.engine": "vllm", "rollout.verify_every": 1, "trainer.steps": STEPS, "trainer.eval_every": STEPS,
+        "rollout.engine": "vllm", "rollout.verify_every": 1, "trainer.steps": STEPS,
+        "trainer.eval_every": STEPS,
         "eval.num_examples": 8, "rollout.max_new_tokens": 12, "eval.max_new_tokens": 12}))
     history = read_metrics(out / "metrics.jsonl")
     steps = [h for h in history if "loss" in h]
