@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-from opd_megatron.cli.generate import add_sampling_arguments, sampling_from_args
+from opd_megatron.cli.generate import (add_sampling_arguments, check_sampling_arguments,
+                                       sampling_from_args)
 from opd_megatron.cli.loaded_model import add_layout_arguments
 
 
@@ -36,8 +37,14 @@ def run(args) -> int:
     from opd_megatron.cli.loaded_model import loaded_model
     from opd_megatron.data.dataset import load_prompt_dataset
     from opd_megatron.data.encoding import encode_prompt
+    from opd_megatron.config.loader import ConfigError
+    from opd_megatron.rewards.registry import reward_names
     from opd_megatron.rewards.scoring import RewardScorer
 
+    check_sampling_arguments(args)
+    if args.reward not in reward_names():
+        raise ConfigError(f"--reward {args.reward!r} is not a registered reward "
+                          f"(known: {', '.join(sorted(reward_names()))})")
     dataset = load_prompt_dataset(args.data)
     count = len(dataset) if args.num_examples <= 0 else min(args.num_examples, len(dataset))
     examples = [dataset[i] for i in range(count)]

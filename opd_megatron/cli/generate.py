@@ -31,6 +31,21 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=1)
 
 
+def check_sampling_arguments(args) -> None:
+    """One line naming the flag, before any model is loaded."""
+    from opd_megatron.config.loader import ConfigError
+
+    for flag, ok, rule in (
+            ("--temperature", args.temperature >= 0, ">= 0 (0 is greedy)"),
+            ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
+            ("--top-k", args.top_k >= 0, ">= 0 (0 disables it)"),
+            ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+            ("--samples-per-prompt", args.samples_per_prompt >= 1, ">= 1")):
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ConfigError(f"{flag}={value} must be {rule}")
+
+
 def sampling_from_args(args):
     from opd_megatron.rollout.base import SamplingParams
 
@@ -45,6 +60,7 @@ def run(args) -> int:
     from opd_megatron.data.encoding import encode_prompt
     from opd_megatron.data.examples import PromptExample
 
+    check_sampling_arguments(args)
     if args.prompts:
         examples = list(load_prompt_dataset(args.prompts))
     else:

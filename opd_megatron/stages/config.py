@@ -22,6 +22,8 @@ class TrainerSection:
     save_every: int = 0
     keep_last: int = 2
     resume: str = "auto"                  # auto | none | <checkpoint dir>
+    # Keys whose new value wins over a resumed checkpoint's (opd_megatron/stages/resume.py).
+    resume_overrides: list[str] = field(default_factory=list)
     tensorboard: bool = True
     wandb_project: str | None = None
     eval_every: int = 0
@@ -38,6 +40,9 @@ class DataSection:
     skip_bad_rows: bool = False
     tokenizer: str | None = None          # defaults to the model's checkpoint directory
     max_seq_length: int = 512
+    # Rows longer than max_seq_length (the prompt in RL stages, prompt + response in SFT):
+    # skip | truncate_left | error (opd_megatron/data/overlong.py).
+    overlong_prompt: Literal["skip", "truncate_left", "error"] = "error"
     # SFT: pack several samples per max_seq_length row with a block-causal mask (local layer
     # spec only: Transformer Engine takes packed sequences through cu_seqlens, not a mask).
     packing: bool = False

@@ -6,6 +6,7 @@ import torch
 
 from opd_megatron.data.dataset import load_prompt_dataset
 from opd_megatron.data.encoding import encode_prompt
+from opd_megatron.data.overlong import keep_last, screen_overlong
 from opd_megatron.rewards.scoring import RewardScorer
 from opd_megatron.rollout.base import SamplingParams
 from opd_megatron.runtime.distributed import current_device
@@ -17,10 +18,15 @@ class Evaluator:
         cfg = ctx.cfg
         self.dataset = None
         if cfg.data.eval_path:
-            self.dataset = load_prompt_dataset(cfg.data.eval_path,
-                                               skip_bad_rows=cfg.data.skip_bad_rows)
+            self.dataset = screen_overlong(
+                load_prompt_dataset(cfg.data.eval_path, skip_bad_rows=cfg.data.skip_bad_rows),
+                lambda ex: len(self._encode(ex)), cfg.data.max_seq_length, cfg.data.overlong_prompt,
+                what="prompt").dataset
         self.scorer = RewardScorer(cfg.eval.reward, on_error=cfg.grpo.reward_on_error,
                                    options=cfg.eval.reward_options)
+
+    def _encode(self, example) -> list[int]:
+        return encode_prompt(self.ctx.tokenizer, example)
 
     def run(self) -> dict[str, float]:
         if self.dataset is None:
@@ -32,7 +38,8 @@ class Evaluator:
                                   n=e.samples_per_prompt, seed=ctx.cfg.seed + 7)
         for chunk in ctx.model.chunks:
             chunk.eval()
-        rollouts = ctx.engine.generate([encode_prompt(ctx.tokenizer, ex) for ex in mine], sampling)
+        limit = ctx.cfg.data.max_seq_length
+        rollouts = ctx.engine.generate([keep_last(self._encode(ex), limit) for ex in mine], sampling)
         texts = [ctx.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
         examples = [mine[r.prompt_index] for r in rollouts]
         scores = self.scorer(texts, examples).scores if rollouts else []

@@ -1,7 +1,6 @@
 """The one trainer loop every stage runs: resume, step, log, evaluate, checkpoint."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -47,13 +46,16 @@ def is_metrics_reporter() -> bool:
 
 
 def run_loop(cfg: StageConfig, stage: Stage, model, *, start_step: int,
-             tokenizer_dir: str | None) -> dict:
+             tokenizer_dir: str | None, run_record: dict | None = None) -> dict:
+    """`run_record` is saved with every checkpoint (what a resume is checked against)."""
     from opd_megatron.trainer.checkpointing import save_checkpoint
+    from opd_megatron.trainer.history import continue_history, write_history
     from opd_megatron.trainer.metrics import MetricsLogger
 
     rank0 = torch.distributed.get_rank() == 0
     out_dir = Path(cfg.output_dir)
     t = cfg.trainer
+    earlier = continue_history(out_dir, start_step) if rank0 else []
     logger = MetricsLogger(out_dir, total_steps=t.steps, start_step=start_step, enabled=rank0,
                            tensorboard=t.tensorboard, wandb_project=t.wandb_project,
                            run_name=cfg.stage, bar_keys=("loss", "reward", "accuracy", "lr"))
@@ -85,11 +87,12 @@ def run_loop(cfg: StageConfig, stage: Stage, model, *, start_step: int,
             last = step + 1 == t.steps or exiting
             if (t.save_every and (step + 1) % t.save_every == 0) or (last and t.save_every >= 0):
                 save_checkpoint(out_dir / "checkpoints", step + 1, model, stage.state_dict(),
-                                keep_last=t.keep_last, tokenizer_dir=tokenizer_dir)
+                                keep_last=t.keep_last, tokenizer_dir=tokenizer_dir,
+                                run_record=run_record)
             if exiting:
                 break
     finally:
         logger.close()
     if rank0:
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        write_history(out_dir, earlier + history)
     return {"history": history}

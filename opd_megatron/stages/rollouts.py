@@ -1,5 +1,5 @@
 """Rollout batches shared by the RL stages: sample, decode, build trainable sequences, score
-tokens with a (frozen or live) model, and the per-response diagnostics LOSSES.md asks for."""
+tokens with a (frozen or live) model, and the per-response diagnostics docs/LOSSES.md asks for."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from opd_megatron.data.encoding import encode_prompt
+from opd_megatron.data.overlong import keep_last
 from opd_megatron.data.tiny_tokenizer import HEDGING_WORDS
 from opd_megatron.losses import vocab_parallel_logprobs
 from opd_megatron.rollout.base import Rollout
@@ -23,7 +24,8 @@ class RolloutBatch:
 
 
 def sample_rollouts(ctx, examples: list, step: int) -> RolloutBatch:
-    prompts = [encode_prompt(ctx.tokenizer, ex) for ex in examples]
+    limit = ctx.cfg.data.max_seq_length   # data.overlong_prompt: truncate_left keeps the tail
+    prompts = [keep_last(encode_prompt(ctx.tokenizer, ex), limit) for ex in examples]
     for chunk in ctx.model.chunks:
         chunk.eval()
     rollouts = ctx.engine.generate(prompts, ctx.training_sampling(step))
