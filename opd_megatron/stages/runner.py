@@ -55,6 +55,7 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
     from opd_megatron.checkpoint.megatron_dist import load_model
     from opd_megatron.data.tokenizer import load_tokenizer
     from opd_megatron.runtime import distributed as rd
+    from opd_megatron.runtime.child_processes import bind_checkpoint_writer_to_rank
     from opd_megatron.stages.context import StageContext
     from opd_megatron.stages.loop import run_loop
     from opd_megatron.stages.resume import apply_schedule_overrides, plan_resume, run_fingerprint
@@ -64,6 +65,7 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
     resume = plan_resume(cfg, arch, where)
     rd.initialize(cfg.parallel, cfg.seed)
     try:
+        bind_checkpoint_writer_to_rank()
         tokenizer_dir = cfg.data.tokenizer or cfg.model.megatron_dir or cfg.model.hf_dir
         tokenizer = load_tokenizer(tokenizer_dir)
         model = build_trainable(arch, cfg.parallel, cfg.precision, cfg.optimizer,

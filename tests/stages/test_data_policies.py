@@ -29,7 +29,7 @@ def sft(tiny_world, out, train_path, **extra):
 def test_not_utf8_is_a_bad_row(tiny_world, tmp_path):
     path = data_file(tiny_world, tmp_path, "sft", b'{"prompt": "1+1=", "response": "\xff2"}\n')
     message = one_line_error(sft(tiny_world, tmp_path / "a", path))
-    assert message == f"{path}:2: field '<utf-8>': not UTF-8 (byte 0xff at column 32)"
+    assert message == f"{path}:2: field '<utf-8>': not UTF-8 (byte 0xff at column 33)"
     assert not (tmp_path / "a").exists()
     succeeded(sft(tiny_world, tmp_path / "b", path, **{"data.skip_bad_rows": "true"}))
     assert read_metrics(tmp_path / "b" / "metrics.jsonl")[0]["skipped_rows"] == 1
