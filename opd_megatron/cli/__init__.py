@@ -12,6 +12,7 @@ COMMANDS = {
     "train": "train",
     "generate": "generate",
     "eval": "evaluate",
+    "sft-traces": "sft_traces",
 }
 
 

@@ -54,10 +54,19 @@ def sampling_from_args(args):
                           seed=args.seed)
 
 
+def generate_responses(model, examples: list, sampling) -> tuple[list, list[str]]:
+    """(rollouts, decoded responses) of a LoadedModel for prompt examples (no PI)."""
+    from opd_megatron.data.encoding import encode_prompt
+
+    rollouts = model.engine.generate([encode_prompt(model.tokenizer, ex) for ex in examples],
+                                     sampling)
+    return rollouts, [model.tokenizer.decode(r.response_ids, skip_special_tokens=True)
+                      for r in rollouts]
+
+
 def run(args) -> int:
     from opd_megatron.cli.loaded_model import loaded_model
     from opd_megatron.data.dataset import load_prompt_dataset
-    from opd_megatron.data.encoding import encode_prompt
     from opd_megatron.data.examples import PromptExample
 
     check_sampling_arguments(args)
@@ -67,14 +76,11 @@ def run(args) -> int:
         examples = [PromptExample(messages=[{"role": "user", "content": p}], answer="", index=i)
                     for i, p in enumerate(args.prompt)]
     with loaded_model(args) as model:
-        prompts = [encode_prompt(model.tokenizer, ex) for ex in examples]
-        rollouts = model.engine.generate(prompts, sampling_from_args(args))
-        lines = [json.dumps({"prompt_index": r.prompt_index,
-                             "response": model.tokenizer.decode(r.response_ids,
-                                                                skip_special_tokens=True),
+        rollouts, texts = generate_responses(model, examples, sampling_from_args(args))
+        lines = [json.dumps({"prompt_index": r.prompt_index, "response": text,
                              "response_ids": r.response_ids, "finish_reason": r.finish_reason,
                              "mean_logprob": sum(r.logprobs) / max(len(r.logprobs), 1)})
-                 for r in rollouts]
+                 for r, text in zip(rollouts, texts)]
     if int(os.environ.get("RANK", "0")) == 0:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ the ones it needs in `validate_stage_config`.
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -156,6 +158,16 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
             fail(f"teacher.temperature={cfg.teacher.temperature} differs from "
                  f"distill.temperature={cfg.distill.temperature}: the teacher must be read at "
                  "the student's temperature")
+        if cfg.rollout.temperature != cfg.distill.temperature:
+            mismatch = (f"rollout.temperature={cfg.rollout.temperature} differs from "
+                        f"distill.temperature={cfg.distill.temperature}")
+            if cfg.distill.loss == "sampled_pg":
+                fail(f"{mismatch}: sampled_pg's estimator is on-policy only for responses sampled "
+                     "at the temperature the loss reads the student at")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"warning: {where}: {mismatch}: responses are sampled from another "
+                      "distribution than the one the loss matches to the teacher",
+                      file=sys.stderr, flush=True)
         if cfg.distill.support == "given" and cfg.rollout.return_top_k < cfg.distill.top_k:
             fail(f"distill.support=given needs rollout.return_top_k >= distill.top_k="
                  f"{cfg.distill.top_k}")
