@@ -1,7 +1,7 @@
 """The rules of a run directory: which checkpoint a stage resumes from, and when it refuses to.
 
     trainer.resume: auto   the newest complete, readable iteration under OUTPUT_DIR/checkpoints
-                           (an unreadable newer one is reported and skipped); none: start fresh
+                           (an unreadable newer one is reported and skipped); none there: step 0
     trainer.resume: none   start fresh; refused if OUTPUT_DIR/checkpoints already holds a run
     trainer.resume: DIR    that checkpoint, verified first
 
@@ -13,6 +13,7 @@ saves (`.tmp_iter_*`) are removed first.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -124,7 +125,8 @@ def plan_resume(cfg: StageConfig, arch: ModelArch, where: str) -> ResumePoint | 
     else:
         path = Path(t.resume)
         state = verify_training_checkpoint(path)
-    current = run_fingerprint(cfg, arch)
+    # As the checkpoint holds it: through JSON (tuples become lists).
+    current = json.loads(json.dumps(run_fingerprint(cfg, arch)))
     _check_same_run(state.get("run", {}), current, t.resume_overrides, path)
     iteration = int(state["iteration"])
     if iteration >= t.steps:

@@ -2,11 +2,15 @@
 checked against the run that wrote the checkpoint; an unreadable checkpoint is named (auto falls
 back to the previous one); history is continued, never replaced or duplicated."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from opd_megatron.trainer.metrics import read_metrics
+from tests.launch import REPO_ROOT, free_port
 from tests.stages.conftest import TINY, make_checkpoint, sft_args
 from tests.user_errors import one_line_error, run_command, succeeded
 
@@ -148,3 +152,25 @@ def test_an_unknown_resume_override_is_refused(tiny_world, tmp_path):
                                    **{"trainer.resume_overrides": "[parallel.tensor_parallel]"}))
     assert message.startswith("conf/sft_tiny_cpu_tp1.yaml: trainer.resume_overrides: "
                               "'parallel.tensor_parallel' cannot be overridden (one of: ")
+
+
+def test_another_tensor_parallel_size_is_refused_on_every_rank(tiny_world, finished, tmp_path):
+    """Under torchrun each rank refuses before any process group (torchrun then reports the
+    failed ranks itself)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out, symlinks=True)
+    before = snapshot(out)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+         "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "opd_megatron", "train",
+         *sft_args(tiny_world, out, **{"data.eval_path": "null", **STEPS,
+                                       "parallel.tensor_parallel": 2})],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
+             "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode != 0
+    line = (f"error: {out}/checkpoints/iter_0000004: parallel.tensor_parallel was 1 in the "
+            "checkpoint, 2 now; use a new output_dir")
+    assert proc.stderr.splitlines().count(line) == 2, proc.stderr[-3000:]
+    assert "opd_megatron/stages/" not in proc.stderr     # no rank's traceback
+    assert snapshot(out) == before
