@@ -49,6 +49,12 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(done, reverse=True)]
 
 
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    done = complete_checkpoints(root)
+    return done[0] if done else None
+
+
 def _rng_state() -> dict:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
