@@ -66,7 +66,7 @@ def vocab_parallel_distill_loss(student_logits: torch.Tensor, teacher_logits: to
     student_logits, teacher_logits: this rank's shard [batch, seq, Vp/tp] (Megatron's contiguous
         vocabulary partition); entries >= vocab_size are padding and are ignored. The teacher is
         detached.
-    loss: one of OBJECTIVES (LOSSES.md); the stages default to `topk_rkl_sg`.
+    loss: one of OBJECTIVES (docs/LOSSES.md); the stages default to `topk_rkl_sg`.
     support: "student" (the student's global top-K, chosen without gradient), "teacher", or
         "given" (`support_ids` [batch, seq, top_k] global ids, distinct per position).
     sampled_ids: [batch, seq] tokens of the rollout; needed by `sampled_pg`, and enables the

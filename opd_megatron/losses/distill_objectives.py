@@ -1,4 +1,4 @@
-"""The distillation objectives of LOSSES.md, per position, from per-position quantities.
+"""The distillation objectives of docs/LOSSES.md, per position, from per-position quantities.
 
 The chunked pass (distill.py) reduces the vocabulary to a few numbers per position: full-vocabulary
 sums and the exact log-probabilities on the support K ids. An objective turns them into its value

@@ -1,4 +1,4 @@
-"""Float64 full-vocabulary references for the losses, written literally from LOSSES.md.
+"""Float64 full-vocabulary references for the losses, written literally from docs/LOSSES.md.
 
 Plain autograd on the concatenated (unsharded) logits: no chunking, no analytic gradients, no
 communication. Shared by the in-process tests and the torchrun workers.

@@ -1,4 +1,4 @@
-"""Distillation loss at TP=1 against the float64 reference, and the identities of LOSSES.md."""
+"""Distillation loss at TP=1 against the float64 reference, and the identities of docs/LOSSES.md."""
 from __future__ import annotations
 
 import pytest

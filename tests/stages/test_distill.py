@@ -61,7 +61,7 @@ def test_opd_at_tp2_and_pp2_matches_tp1(tiny_world, sft_ckpt, tmp_path):
 def test_biased_topk_collapses_student_support_mass_stop_gradient_does_not(tiny_world, sft_ckpt,
                                                                            tmp_path):
     """Teacher = the student's own weights isolates the bias: the stop-gradient loss then has no
-    gradient, while the biased form's gradient is exactly grad(P_S) (LOSSES.md)."""
+    gradient, while the biased form's gradient is exactly grad(P_S) (docs/LOSSES.md)."""
     mass = {}
     for loss in ("topk_rkl", "topk_rkl_sg"):
         out = tmp_path / loss
