@@ -181,7 +181,8 @@ class DistillStage(StageBase):
             per_token, m = vocab_parallel_distill_loss(
                 student, mb["teacher_logits"], loss=d.loss, top_k=d.top_k, support=d.support,
                 temperature=d.temperature, loss_mask=mask, sampled_ids=sampled,
-                support_ids=support_ids, beta=d.beta, vocab_size=vocab)
+                support_ids=support_ids, beta=d.beta, vocab_size=vocab,
+                with_metrics=step % d.metrics_every == 0)
             loss_sum = per_token.sum()
             extra = {}
             if "advantages" in mb:
