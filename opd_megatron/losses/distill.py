@@ -44,6 +44,7 @@ from opd_megatron.losses.vocab_parallel import (
     compute_dtype,
     global_topk,
     load_scaled,
+    load_shifted,
     local_max,
     row_dot,
 )
@@ -219,8 +220,7 @@ class _Distill(torch.autograd.Function):
         if plan.objective.dense is None:
             grad = zeros_untouched(shape, dtype, device)
             sparse, sparse_ids = sparse_terms
-            shard.scatter_add_(grad.view(-1, shard.width), sparse_ids,
-                               (sparse * weight[:, None]).to(dtype))
+            shard.scatter_add_(grad.view(-1, shard.width), sparse_ids, sparse * weight[:, None])
             return grad, None, None
         student, teacher = rest[-2:]
         s_rows = student.reshape(-1, shard.width)
@@ -250,15 +250,15 @@ def _support_chunk(plan: _Plan, ws: Workspace, s_rows, t_rows, rows: slice):
     metrics. (terms, support ids, None, empty metrics)."""
     shard, k, temperature = plan.shard, plan.top_k, plan.temperature
     dtype = compute_dtype(s_rows.dtype)
-    # Selection is order-only: the temperature and the upcast come after, on K values per side,
-    # exactly as load_scaled would have computed them.
-    t_top, t_top_ids = global_topk(_selectable(t_rows, ws, "t"), k, shard)
+    # The K values per side are scaled and upcast as load_scaled would have computed them.
+    t_sel, t_in_place = _selectable(t_rows, ws, "t", temperature)
+    t_top, t_top_ids = global_topk(t_sel, k, shard)
     columns = {}
     if plan.support == "teacher":
-        support, t_support = t_top_ids, t_top.to(dtype) / temperature
+        support, t_support = t_top_ids, _scaled(t_top.to(dtype), t_in_place, temperature)
     else:
         if plan.support == "student":
-            _, support = global_topk(_selectable(s_rows, ws, "z"), k, shard)
+            _, support = global_topk(_selectable(s_rows, ws, "z", temperature)[0], k, shard)
         else:
             support = plan.support_ids[rows]
         columns["t_support"] = shard.gather(t_rows, support).to(dtype)
@@ -272,33 +272,42 @@ def _support_chunk(plan: _Plan, ws: Workspace, s_rows, t_rows, rows: slice):
     return plan.objective.terms(stats), support, None, t_support.new_zeros((len(support), 0))
 
 
-def _selectable(rows: torch.Tensor, ws: Workspace, name: str) -> torch.Tensor:
-    """rows in a dtype whose max reduction is fast: bf16/fp16 are upcast into a chunk buffer
-    (a copy and an fp32 max beat a half-precision max on CPU), fp32/fp64 are read in place."""
+def _selectable(rows: torch.Tensor, ws: Workspace, name: str, temperature: float):
+    """(x, in_place): rows to select from. Selection is order-only, so fp32/fp64 rows are read in
+    place, unscaled (in_place=True); bf16/fp16 are upcast and scaled into the chunk buffer first (a
+    copy and an fp32 max beat a half-precision max on CPU)."""
     if rows.dtype == compute_dtype(rows.dtype):
-        return rows
-    return ws(name, rows.shape[0]).copy_(rows)
+        return rows, True
+    return load_scaled(rows, ws(name, rows.shape[0]), temperature), False
+
+
+def _scaled(values: torch.Tensor, in_place: bool, temperature: float) -> torch.Tensor:
+    """Values read from _selectable's x, in the temperature-scaled compute dtype."""
+    return values / temperature if in_place else values
 
 
 def _forward_chunk(plan: _Plan, ws: Workspace, s_rows, t_rows, rows: slice):
     """(objective terms, support ids, (lse of z, lse of t), metrics [n, len(metric_names)])."""
-    shard, k, n = plan.shard, plan.top_k, s_rows.shape[0]
+    shard, k, n, temperature = plan.shard, plan.top_k, s_rows.shape[0], plan.temperature
     with_metrics = plan.with_metrics
-    z = load_scaled(s_rows, ws("z", n), plan.temperature)
-    t = load_scaled(t_rows, ws("t", n), plan.temperature)
+    z_sel, z_in_place = _selectable(s_rows, ws, "z", temperature)
+    t_sel, t_in_place = _selectable(t_rows, ws, "t", temperature)
     # Phase 1: global top-K where the support, I = S ∩ TopK(q) or the overlap metric needs it;
     # its column 0 is the max that stabilises exp. Otherwise the max alone.
     z_top_ids = t_top_ids = z_max = t_max = None
     if plan.support == "student" or with_metrics:
-        z_top, z_top_ids = global_topk(z, k, shard)
+        z_top, z_top_ids = global_topk(z_sel, k, shard)
         z_max = z_top[:, :1]
     if plan.support == "teacher" or with_metrics or plan.objective.support_only:
-        t_top, t_top_ids = global_topk(t, k, shard)
+        t_top, t_top_ids = global_topk(t_sel, k, shard)
         t_max = t_top[:, :1]
     if z_max is None or t_max is None:
-        z_max, t_max = _global_max(z, t, shard, z_max, t_max)
-    z.sub_(z_max)
-    t.sub_(t_max)
+        z_max, t_max = _global_max(z_sel, t_sel, shard, z_max, t_max)
+    z_max = _scaled(z_max, z_in_place, temperature)
+    t_max = _scaled(t_max, t_in_place, temperature)
+    # z - max z in the buffer: one pass from the rows, or in place after the upcast.
+    z = load_shifted(s_rows, ws("z", n), temperature, z_max) if z_in_place else z_sel.sub_(z_max)
+    t = load_shifted(t_rows, ws("t", n), temperature, t_max) if t_in_place else t_sel.sub_(t_max)
     support = {"student": z_top_ids, "teacher": t_top_ids,
                "given": None if plan.support_ids is None else plan.support_ids[rows]}[plan.support]
     sampled = None if plan.sampled_ids is None else plan.sampled_ids[rows, None]
@@ -380,12 +389,12 @@ def _jsd_sums(beta, ws, p, q, logp, logq) -> tuple[torch.Tensor, torch.Tensor]:
 def _dense_grad(plan: _Plan, ws: Workspace, s_rows, t_rows, lse_s, lse_t, shift, weight, out):
     """The dense part of dL/dlogits for one chunk (see distill_objectives.py), into `out`."""
     dense = plan.objective.dense
-    logp = load_scaled(s_rows, out, plan.temperature).sub_(lse_s)
+    logp = load_shifted(s_rows, out, plan.temperature, lse_s)
     if dense == "p":
         return logp.exp_().mul_(-shift * weight)
     n = s_rows.shape[0]
     p = torch.exp(logp, out=ws("p", n))
-    logq = load_scaled(t_rows, ws("logq", n), plan.temperature).sub_(lse_t)
+    logq = load_shifted(t_rows, ws("logq", n), plan.temperature, lse_t)
     if dense == "rkl":
         return logp.sub_(logq).sub_(shift).mul_(p).mul_(weight)
     if dense == "fkl":
