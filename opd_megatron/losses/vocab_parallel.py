@@ -20,8 +20,10 @@ import torch.distributed as dist
 from opd_megatron.losses._comm import all_gather_cat, all_reduce_, group_rank, group_size
 
 # Elements per chunk buffer, per device type: small beside a shard, large enough to amortise the
-# per-chunk collectives and kernel launches (16 MiB in fp32).
-CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 22}
+# per-chunk collectives. CPU: 16 MiB in fp32 (smaller chunks would sit better in cache but pay
+# more gloo round trips; not re-tuned). CUDA: 64 MiB, where kernel launches rather than the cache
+# bound the chunk (not measured on a GPU here; tools/gpu_check.sh runs the losses on one).
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
 # A chunk never spans more than this fraction of the positions, so that the handful of chunk
 # buffers stays well under one shard even for a small vocabulary or bf16 inputs (on CPU, glibc's
 # heap also keeps freed buffers resident between calls: peak RSS creeps by a few buffer sizes).
