@@ -129,8 +129,9 @@ def run_case(args) -> None:
     torch.manual_seed(dist.get_rank())
     width = args.vocab // dist.get_world_size()
     dtype = DTYPES[args.dtype]
-    student = torch.randn(args.batch, args.seq, width).to(dtype).requires_grad_()
-    teacher = torch.randn(args.batch, args.seq, width).to(dtype)
+    # Drawn in their dtype: an fp32 draw cast to bf16 would leave its peak in ru_maxrss.
+    student = torch.randn(args.batch, args.seq, width, dtype=dtype).requires_grad_()
+    teacher = torch.randn(args.batch, args.seq, width, dtype=dtype)
     step = STEPS[args.case]
     base_rss = psutil.Process().memory_info().rss
     times = []
@@ -206,7 +207,7 @@ def peer_rounds(args) -> dict:
     plan = [shape for _ in range(args.repeats) for shape in args.shapes] + args.big_shapes
     results: dict = {}
     for batch, seq in plan:
-        for dtype in DTYPES:
+        for dtype in args.dtypes:
             for method in PEER_METHODS:
                 result = launch_case(args, vocab, method, batch, seq, dtype)
                 results.setdefault((batch, seq, dtype), {}).setdefault(method, []).append(result)
@@ -278,6 +279,8 @@ def main() -> None:
     parser.add_argument("--big-shapes", type=parse_shape, nargs="*", default=[(1, 4096)],
                         help="--peers: shapes run once each, after the rounds")
     parser.add_argument("--repeats", type=int, default=3, help="--peers: rounds of --shapes")
+    parser.add_argument("--dtypes", choices=tuple(DTYPES), nargs="+", default=list(DTYPES),
+                        help="--peers: input dtypes")
     parser.add_argument("--case", choices=tuple(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
