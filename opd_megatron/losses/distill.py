@@ -26,7 +26,6 @@ buffers (see vocab_parallel.py).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
