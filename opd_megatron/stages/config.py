@@ -140,6 +140,9 @@ class DistillSection:
     temperature: float = 1.0
     # Weight of the GRPO task-reward term mixed into the distillation loss (0 disables).
     reward_weight: float = 0.0
+    # The diagnostics (top-K overlap, entropy, teacher rank, ...) need the full vocabulary; they
+    # are computed every this many steps. Between, `topk_*_norm` reads only the support.
+    metrics_every: int = 1
 
 
 @dataclass
@@ -201,6 +204,8 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
 
         if cfg.distill.loss not in LOSSES:
             fail(f"distill.loss={cfg.distill.loss!r} is not one of {', '.join(LOSSES)}")
+        if cfg.distill.metrics_every < 1:
+            fail(f"distill.metrics_every={cfg.distill.metrics_every} must be >= 1")
         if cfg.teacher.temperature != cfg.distill.temperature:
             fail(f"teacher.temperature={cfg.teacher.temperature} differs from "
                  f"distill.temperature={cfg.distill.temperature}: the teacher must be read at "

@@ -202,7 +202,8 @@ class DistillStage(StageBase):
             per_token, m = vocab_parallel_distill_loss(
                 student, mb["teacher_logits"], loss=d.loss, top_k=d.top_k, support=d.support,
                 temperature=d.temperature, loss_mask=mask, sampled_ids=sampled,
-                support_ids=support_ids, beta=d.beta, vocab_size=vocab)
+                support_ids=support_ids, beta=d.beta, vocab_size=vocab,
+                with_metrics=step % d.metrics_every == 0)
             # TIS (sampled_pg only, validated): the sampled-token estimator is reweighted.
             loss_sum = (per_token * weights).sum()
             if "advantages" in mb:
