@@ -13,6 +13,7 @@ behind; `fsync=True` also makes the renamed output durable against a crash of th
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -97,12 +98,24 @@ def staged_output(out_dir: str | Path, force: bool, fsync: bool = False) -> Iter
     out = Path(out_dir).absolute()
     if out.exists() and not force:
         raise ConversionError(f"{out}: already exists (pass --force to overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        yield tmp
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise ConversionError(_write_failure(out, err) or f"{out}: cannot create ({err})") from None
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        try:
+            yield tmp
+        except (OSError, RuntimeError, CheckpointException) as err:
+            # Classified before the finally below frees the space the partial output took.
+            message = _write_failure(out, err)
+            if message is None:
+                raise
+            raise ConversionError(message) from None
         if fsync:
             for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:  # entries, then their dir
                 _fsync(path)
@@ -117,6 +130,34 @@ def staged_output(out_dir: str | Path, force: bool, fsync: bool = False) -> Iter
             _fsync(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_UNWRITABLE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.EFBIG: "file too large for the file system"}
+
+
+def _write_failure(out: Path, err: Exception) -> str | None:
+    """One line for an output that could not be written (nothing is left of it), or None.
+
+    torch's zip writer reports a full disk as RuntimeError("unexpected pos ..."), without the
+    errno: a failed write on a file system with (almost) no space left is read as that.
+    """
+    failures = getattr(err, "failures", None)   # torch.distributed.checkpoint's: rank -> (exc, tb)
+    if failures:
+        err = next(iter(failures.values()))[0]
+    problem = _UNWRITABLE.get(getattr(err, "errno", None))
+    if problem is None and isinstance(err, RuntimeError):
+        try:
+            stat = os.statvfs(out.parent)
+        except OSError:
+            return None
+        if stat.f_bavail * stat.f_frsize >= 1 << 20:
+            return None
+        problem = _UNWRITABLE[errno.ENOSPC]
+    if problem is None:
+        return None
+    return f"{out}: {problem} while writing the output (nothing was left behind)"
 
 
 def _progress(total: int, desc: str, enabled: bool):

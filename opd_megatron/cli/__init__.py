@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # command -> module under opd_megatron.cli
 COMMANDS = {
@@ -12,10 +13,17 @@ COMMANDS = {
     "train": "train",
     "generate": "generate",
     "eval": "evaluate",
+    "sft-traces": "sft_traces",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        # megatron-core says so four times on import; on CPU it is the expected setup, and it
+        # would bury a one-line error.
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     parser = argparse.ArgumentParser(prog="python -m opd_megatron",
                                      description="On-policy distillation on Megatron-core.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-from opd_megatron.cli.generate import add_sampling_arguments, sampling_from_args
+from opd_megatron.cli.generate import (add_sampling_arguments, check_sampling_arguments,
+                                       generate_responses, sampling_from_args)
 from opd_megatron.cli.loaded_model import add_layout_arguments
 
 
@@ -32,20 +33,28 @@ def accuracy_summary(scores: list[float], n: int) -> dict[str, float]:
             "num_prompts": prompts}
 
 
+def check_reward_flag(name: str) -> None:
+    from opd_megatron.config.loader import ConfigError
+    from opd_megatron.rewards.registry import reward_names
+
+    if name not in reward_names():
+        raise ConfigError(f"--reward {name!r} is not a registered reward "
+                          f"(known: {', '.join(sorted(reward_names()))})")
+
+
 def run(args) -> int:
     from opd_megatron.cli.loaded_model import loaded_model
     from opd_megatron.data.dataset import load_prompt_dataset
-    from opd_megatron.data.encoding import encode_prompt
     from opd_megatron.rewards.scoring import RewardScorer
 
+    check_sampling_arguments(args)
+    check_reward_flag(args.reward)
     dataset = load_prompt_dataset(args.data)
     count = len(dataset) if args.num_examples <= 0 else min(args.num_examples, len(dataset))
     examples = [dataset[i] for i in range(count)]
     scorer = RewardScorer(args.reward)
     with loaded_model(args) as model:
-        rollouts = model.engine.generate([encode_prompt(model.tokenizer, ex) for ex in examples],
-                                         sampling_from_args(args))
-        texts = [model.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+        rollouts, texts = generate_responses(model, examples, sampling_from_args(args))
         scores = scorer(texts, [examples[r.prompt_index] for r in rollouts]).scores
     summary = accuracy_summary(scores, args.samples_per_prompt)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -31,6 +31,21 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=1)
 
 
+def check_sampling_arguments(args) -> None:
+    """One line naming the flag, before any model is loaded."""
+    from opd_megatron.config.loader import ConfigError
+
+    for flag, ok, rule in (
+            ("--temperature", args.temperature >= 0, ">= 0 (0 is greedy)"),
+            ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
+            ("--top-k", args.top_k >= 0, ">= 0 (0 disables it)"),
+            ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+            ("--samples-per-prompt", args.samples_per_prompt >= 1, ">= 1")):
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ConfigError(f"{flag}={value} must be {rule}")
+
+
 def sampling_from_args(args):
     from opd_megatron.rollout.base import SamplingParams
 
@@ -39,26 +54,33 @@ def sampling_from_args(args):
                           seed=args.seed)
 
 
+def generate_responses(model, examples: list, sampling) -> tuple[list, list[str]]:
+    """(rollouts, decoded responses) of a LoadedModel for prompt examples (no PI)."""
+    from opd_megatron.data.encoding import encode_prompt
+
+    rollouts = model.engine.generate([encode_prompt(model.tokenizer, ex) for ex in examples],
+                                     sampling)
+    return rollouts, [model.tokenizer.decode(r.response_ids, skip_special_tokens=True)
+                      for r in rollouts]
+
+
 def run(args) -> int:
     from opd_megatron.cli.loaded_model import loaded_model
     from opd_megatron.data.dataset import load_prompt_dataset
-    from opd_megatron.data.encoding import encode_prompt
     from opd_megatron.data.examples import PromptExample
 
+    check_sampling_arguments(args)
     if args.prompts:
         examples = list(load_prompt_dataset(args.prompts))
     else:
         examples = [PromptExample(messages=[{"role": "user", "content": p}], answer="", index=i)
                     for i, p in enumerate(args.prompt)]
     with loaded_model(args) as model:
-        prompts = [encode_prompt(model.tokenizer, ex) for ex in examples]
-        rollouts = model.engine.generate(prompts, sampling_from_args(args))
-        lines = [json.dumps({"prompt_index": r.prompt_index,
-                             "response": model.tokenizer.decode(r.response_ids,
-                                                                skip_special_tokens=True),
+        rollouts, texts = generate_responses(model, examples, sampling_from_args(args))
+        lines = [json.dumps({"prompt_index": r.prompt_index, "response": text,
                              "response_ids": r.response_ids, "finish_reason": r.finish_reason,
                              "mean_logprob": sum(r.logprobs) / max(len(r.logprobs), 1)})
-                 for r in rollouts]
+                 for r, text in zip(rollouts, texts)]
     if int(os.environ.get("RANK", "0")) == 0:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,17 @@ def add_layout_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=1234)
 
 
+def checked_arch(megatron_dir) -> ModelArch:
+    """The checkpoint's architecture, or one line naming --megatron-dir and the file at fault."""
+    from opd_megatron.checkpoint.megatron_dist import CheckpointError, read_arch
+    from opd_megatron.config.loader import ConfigError
+
+    try:
+        return read_arch(megatron_dir)
+    except (CheckpointError, ValueError) as err:
+        raise ConfigError(f"--megatron-dir: {err}") from None
+
+
 @contextlib.contextmanager
 def megatron_for_checkpoint(megatron_dir, tp: int, pp: int, seed: int,
                             where: str) -> Iterator[ParallelConfig]:
@@ -63,6 +74,7 @@ def loaded_model(args) -> Iterator[LoadedModel]:
     from opd_megatron.data.tokenizer import load_tokenizer
     from opd_megatron.rollout.native import NativeRolloutEngine
 
+    checked_arch(args.megatron_dir)
     tokenizer = load_tokenizer(args.megatron_dir)
     with megatron_for_checkpoint(args.megatron_dir, args.tp, args.pp, args.seed,
                                  where="--tp/--pp") as parallel:

@@ -34,8 +34,9 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
         ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise ConfigError(f"--input-ids {text!r}: expected comma-separated integers") from None
-    if not ids or any(not 0 <= i < vocab_size for i in ids):
-        raise ConfigError(f"--input-ids needs at least one id, each in [0, {vocab_size})")
+    # A log-prob is of a token given the ones before it: one id has none to score.
+    if len(ids) < 2 or any(not 0 <= i < vocab_size for i in ids):
+        raise ConfigError(f"--input-ids needs at least two ids, each in [0, {vocab_size})")
     return ids
 
 
@@ -86,15 +87,12 @@ def score_checkpoint(megatron_dir: str | Path, ids: list[int], parallel: Paralle
 
 
 def run(args) -> int:
-    from opd_megatron.checkpoint.megatron_dist import CheckpointError, read_arch
-    from opd_megatron.cli.loaded_model import megatron_for_checkpoint
+    from opd_megatron.checkpoint.megatron_dist import CheckpointError
+    from opd_megatron.cli.loaded_model import checked_arch, megatron_for_checkpoint
     from opd_megatron.config.loader import ConfigError
     from opd_megatron.runtime import distributed as rd
 
-    try:
-        arch = read_arch(args.megatron_dir)
-    except (CheckpointError, ValueError) as err:
-        raise ConfigError(f"--megatron-dir: {err}") from None
+    arch = checked_arch(args.megatron_dir)
     ids = parse_ids(args.input_ids, arch.vocab_size)
     with megatron_for_checkpoint(args.megatron_dir, args.tp, args.pp, seed=0,
                                  where="score --tp/--pp") as parallel:

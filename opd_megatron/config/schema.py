@@ -18,7 +18,7 @@ class ParallelConfig:
     expert_parallel: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
-    # On gloo batched p2p gives wrong gradients with virtual pipeline stages (DESIGN.md);
+    # On gloo batched p2p gives wrong gradients with virtual pipeline stages (docs/DESIGN.md);
     # `None` picks False on CPU and True on GPU.
     batch_p2p_comm: bool | None = None
 

@@ -3,21 +3,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from opd_megatron.data.examples import (PromptExample, RowError, SFTExample, parse_prompt_row,
                                         parse_sft_row)
-from opd_megatron.data.readers import iter_rows
+from opd_megatron.data.readers import DataError, iter_rows
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T", PromptExample, SFTExample)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the file (and line or row)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +21,8 @@ class Dataset(Generic[T]):
     path: Path
     examples: list[T]
     num_skipped: int = 0
+    # Where each example came from ("file:line" or "file: row N"), for errors found after loading.
+    locations: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -45,10 +43,12 @@ def load_sft_dataset(path: str | Path, *, skip_bad_rows: bool = False) -> Datase
 
 def _load(path: Path, parse: Callable[[dict[str, Any], int], T], skip_bad_rows: bool) -> Dataset[T]:
     examples: list[T] = []
+    locations: list[str] = []
     skipped = 0
     for location, load in iter_rows(path):
         try:
             examples.append(parse(load(), len(examples)))
+            locations.append(location)
         except RowError as e:
             if not skip_bad_rows:
                 raise DataError(f"{location}: {e}") from None
@@ -58,4 +58,4 @@ def _load(path: Path, parse: Callable[[dict[str, Any], int], T], skip_bad_rows: 
         raise DataError(f"{path}: dataset has no valid rows{suffix}")
     if skipped:
         logger.warning("%s: skipped %d bad rows of %d", path, skipped, skipped + len(examples))
-    return Dataset(path=path, examples=examples, num_skipped=skipped)
+    return Dataset(path=path, examples=examples, num_skipped=skipped, locations=locations)

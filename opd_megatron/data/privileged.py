@@ -2,7 +2,7 @@
 
 `system_prompt` is a rule shared by all examples (the student can absorb it); `answer_only` and
 `full_solution` are per-instance and inserted into the last user turn through a template
-(LOSSES.md, "OPSD").
+(docs/LOSSES.md, "OPSD").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The distillation objectives of LOSSES.md, per position, from per-position quantities.
+"""The distillation objectives of docs/LOSSES.md, per position, from per-position quantities.
 
 The chunked pass (distill.py) reduces the vocabulary to a few numbers per position: full-vocabulary
 sums and the exact log-probabilities on the support K ids. An objective turns them into its value
@@ -11,7 +11,8 @@ and into the coefficients of its gradient w.r.t. the temperature-scaled student 
     "rkl":  p_u (log p_u - log q_u - shift)
     "fkl":  p_u - q_u
     "jsd":  (1 - beta) p_u (log p_u - log m_u - shift)
-and `sparse` lives on the support ids, or on the sampled id. All come from one identity: for a
+and `sparse` lives on the support ids, or on the sampled id. An objective with no dense part is
+renormalised on its support: it needs only the K logits per side there, never the vocabulary. All come from one identity: for a
 loss f(p), dL/dz_u = h_u - p_u sum_v h_v with h_v = p_v df/dp_v.
 """
 from __future__ import annotations
@@ -28,9 +29,9 @@ class PositionStats:
 
     logp_support: torch.Tensor  # log p on the support ids (normalised over the full vocabulary)
     logq_support: torch.Tensor
-    support_in_teacher_topk: torch.Tensor  # bool: I = S ∩ TopK(q) for the renormalised objective
-    rkl: torch.Tensor  # KL(p || q), full vocabulary
     beta: float
+    support_in_teacher_topk: torch.Tensor | None = None  # bool: I = S ∩ TopK(q), renormalised
+    rkl: torch.Tensor | None = None  # KL(p || q), full vocabulary
     logp_sampled: torch.Tensor | None = None
     logq_sampled: torch.Tensor | None = None
     fkl: torch.Tensor | None = None  # KL(q || p)
@@ -50,7 +51,12 @@ class Objective:
     terms: Callable[[PositionStats], Terms]
     dense: str | None  # one of the closed forms above, None: the gradient is all sparse
     sparse_on: str | None  # "support", "sampled" or None
-    needs: frozenset = frozenset()  # optional PositionStats fields: "fkl", "jsd", "sampled"
+    needs: frozenset = frozenset()  # optional PositionStats fields: "rkl", "fkl", "jsd", "sampled"
+
+    @property
+    def support_only(self) -> bool:
+        """Renormalised on the support: the K logits per side there are all it reads."""
+        return self.dense is None and self.sparse_on == "support"
 
 
 def _full_rkl(st: PositionStats) -> Terms:
@@ -103,16 +109,45 @@ def _topk_rkl_tail(st: PositionStats) -> Terms:
     return Terms(value, shift=value - tail_ratio, sparse=p * (log_ratio - tail_ratio[:, None]))
 
 
-def _topk_rkl_norm(st: PositionStats) -> Terms:
-    # KL(p~ || q~) on I depends on z only through z_I (a softmax restricted to I), so its gradient
-    # p~_u (a_u - L) lives on I; an empty I contributes nothing.
+def _renormalised(st: PositionStats):
+    """(p~, q~, log p~ - log q~) on I = S ∩ TopK(q), zero off I; both renormalised on I.
+
+    They depend on z only through z_I (a softmax restricted to I), so the gradients below live on
+    I, and a per-position constant added to logp_support or logq_support changes nothing: the
+    support-only pass passes unnormalised logits. An empty I contributes nothing.
+    """
     inside = st.support_in_teacher_topk
     logp = _log_renormalise(st.logp_support, inside)
     logq = _log_renormalise(st.logq_support, inside)
     p = torch.where(inside, logp.exp(), 0.0)
-    log_ratio = torch.where(inside, logp - logq, 0.0)
+    q = torch.where(inside, logq.exp(), 0.0)
+    return p, q, torch.where(inside, logp - logq, 0.0)
+
+
+def _rkl_on_support(p, log_ratio) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p~ || q~) and its gradient p~_u (a_u - L)."""
     value = (p * log_ratio).sum(dim=-1)
-    return Terms(value, sparse=p * (log_ratio - value[:, None]))
+    return value, p * (log_ratio - value[:, None])
+
+
+def _topk_rkl_norm(st: PositionStats) -> Terms:
+    p, _, log_ratio = _renormalised(st)
+    value, grad = _rkl_on_support(p, log_ratio)
+    return Terms(value, sparse=grad)
+
+
+def _topk_fkl_norm(st: PositionStats) -> Terms:
+    # KL(q~ || p~) = sum_I q~ (log q~ - log p~); d/dz_u = p~_u - q~_u on I.
+    p, q, log_ratio = _renormalised(st)
+    return Terms(-(q * log_ratio).sum(dim=-1), sparse=p - q)
+
+
+def _topk_mixed_norm(st: PositionStats) -> Terms:
+    # NeMo-RL's "mixed" KL: beta KL(q~ || p~) + (1 - beta) KL(p~ || q~), on the same I.
+    p, q, log_ratio = _renormalised(st)
+    rkl, rkl_grad = _rkl_on_support(p, log_ratio)
+    value = -st.beta * (q * log_ratio).sum(dim=-1) + (1 - st.beta) * rkl
+    return Terms(value, sparse=st.beta * (p - q) + (1 - st.beta) * rkl_grad)
 
 
 def _log_renormalise(logx: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -123,7 +158,7 @@ def _log_renormalise(logx: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "full_rkl": Objective(_full_rkl, dense="rkl", sparse_on=None),
+    "full_rkl": Objective(_full_rkl, dense="rkl", sparse_on=None, needs=frozenset({"rkl"})),
     "forward_kl": Objective(_forward_kl, dense="fkl", sparse_on=None, needs=frozenset({"fkl"})),
     "jsd": Objective(_jsd, dense="jsd", sparse_on=None, needs=frozenset({"jsd"})),
     "sampled_pg": Objective(_sampled_pg, dense="p", sparse_on="sampled",
@@ -131,5 +166,7 @@ OBJECTIVES: dict[str, Objective] = {
     "topk_rkl": Objective(_topk_rkl, dense="p", sparse_on="support"),
     "topk_rkl_sg": Objective(_topk_rkl_sg, dense="p", sparse_on="support"),
     "topk_rkl_norm": Objective(_topk_rkl_norm, dense=None, sparse_on="support"),
+    "topk_fkl_norm": Objective(_topk_fkl_norm, dense=None, sparse_on="support"),
+    "topk_mixed_norm": Objective(_topk_mixed_norm, dense=None, sparse_on="support"),
     "topk_rkl_tail": Objective(_topk_rkl_tail, dense="p", sparse_on="support"),
 }

@@ -33,7 +33,7 @@ class _LogProbs(torch.autograd.Function):
         flat_ids = ids.reshape(-1, 1).long()
         lse = rows.new_empty(rows.shape[0], dtype=dtype)
         logp, entropy = torch.empty_like(lse), torch.empty_like(lse)
-        ranges = chunk_ranges(rows.shape[0], shard.width, chunk_size)
+        ranges = chunk_ranges(rows.shape[0], shard.width, chunk_size, logits.device)
         ws = Workspace.for_chunks(ranges, shard, dtype, logits.device)
         for start, stop in ranges:
             n = stop - start

@@ -1,4 +1,4 @@
-"""Run megatron-core on CPU with gloo: the compatibility layer (see DESIGN.md).
+"""Run megatron-core on CPU with gloo: the compatibility layer (see docs/DESIGN.md).
 
 megatron-core assumes CUDA in a handful of places: tensors created with ``device="cuda"``,
 ``.cuda()`` calls, ``torch.cuda.current_device()``, the CUDA RNG tracker and a type assertion in

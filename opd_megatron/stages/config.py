@@ -5,6 +5,8 @@ the ones it needs in `validate_stage_config`.
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -23,6 +25,8 @@ class TrainerSection:
     save_every: int = 0
     keep_last: int = 2
     resume: str = "auto"                  # auto | none | <checkpoint dir>
+    # Keys whose new value wins over a resumed checkpoint's (opd_megatron/stages/resume.py).
+    resume_overrides: list[str] = field(default_factory=list)
     tensorboard: bool = True
     wandb_project: str | None = None
     eval_every: int = 0
@@ -50,6 +54,9 @@ class DataSection:
     # alike, e.g. {enable_thinking: false} for Qwen3's non-thinking mode.
     chat_template_kwargs: dict = field(default_factory=dict)
     max_seq_length: int = 512
+    # Rows longer than max_seq_length (the prompt in RL stages, prompt + response in SFT):
+    # skip | truncate_left | error (opd_megatron/data/overlong.py).
+    overlong_prompt: Literal["skip", "truncate_left", "error"] = "error"
     # SFT: pack several samples per max_seq_length row with a block-causal mask (local layer
     # spec only: Transformer Engine takes packed sequences through cu_seqlens, not a mask).
     packing: bool = False
@@ -138,6 +145,9 @@ class DistillSection:
     temperature: float = 1.0
     # Weight of the GRPO task-reward term mixed into the distillation loss (0 disables).
     reward_weight: float = 0.0
+    # The diagnostics (top-K overlap, entropy, teacher rank, ...) need the full vocabulary; they
+    # are computed every this many steps. Between, `topk_*_norm` reads only the support.
+    metrics_every: int = 1
 
 
 @dataclass
@@ -201,10 +211,22 @@ def validate_stage_config(cfg: StageConfig, dp_size: int, where: str, *,
 
         if cfg.distill.loss not in LOSSES:
             fail(f"distill.loss={cfg.distill.loss!r} is not one of {', '.join(LOSSES)}")
+        if cfg.distill.metrics_every < 1:
+            fail(f"distill.metrics_every={cfg.distill.metrics_every} must be >= 1")
         if cfg.teacher.temperature != cfg.distill.temperature:
             fail(f"teacher.temperature={cfg.teacher.temperature} differs from "
                  f"distill.temperature={cfg.distill.temperature}: the teacher must be read at "
                  "the student's temperature")
+        if cfg.rollout.temperature != cfg.distill.temperature:
+            mismatch = (f"rollout.temperature={cfg.rollout.temperature} differs from "
+                        f"distill.temperature={cfg.distill.temperature}")
+            if cfg.distill.loss == "sampled_pg":
+                fail(f"{mismatch}: sampled_pg's estimator is on-policy only for responses sampled "
+                     "at the temperature the loss reads the student at")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"warning: {where}: {mismatch}: responses are sampled from another "
+                      "distribution than the one the loss matches to the teacher",
+                      file=sys.stderr, flush=True)
         if cfg.distill.support == "given" and cfg.rollout.return_top_k < cfg.distill.top_k:
             fail(f"distill.support=given needs rollout.return_top_k >= distill.top_k="
                  f"{cfg.distill.top_k}")

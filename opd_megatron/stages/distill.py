@@ -1,5 +1,5 @@
 """Stages `opd` and `opsd`: the student samples, a teacher scores the exact student tokens, the
-student trains on `vocab_parallel_distill_loss` (LOSSES.md).
+student trains on `vocab_parallel_distill_loss` (docs/LOSSES.md).
 
 - opd: the teacher is its own checkpoint (`teacher.megatron_dir`), same tokenizer, any size.
 - opsd: the teacher is the student's frozen initial weights (`teacher.source: initial`) or its
@@ -118,8 +118,11 @@ class DistillStage(StageBase):
 
         teacher_dir = cfg.teacher.megatron_dir
         arch = read_arch(teacher_dir)
-        if arch.vocab_size != ctx.arch.vocab_size or \
-                tokenizer_fingerprint(teacher_dir) != tokenizer_fingerprint(ctx.tokenizer_dir):
+        if arch.vocab_size != ctx.arch.vocab_size:
+            raise TokenizerMismatchError(
+                f"teacher.megatron_dir={teacher_dir}: vocab_size={arch.vocab_size}, the "
+                f"student's is {ctx.arch.vocab_size}; OPD needs the same token ids")
+        if tokenizer_fingerprint(teacher_dir) != tokenizer_fingerprint(ctx.tokenizer_dir):
             raise TokenizerMismatchError(
                 f"teacher.megatron_dir={teacher_dir}: its tokenizer differs from the student's "
                 f"({ctx.tokenizer_dir}); OPD needs the same token ids")
@@ -199,7 +202,8 @@ class DistillStage(StageBase):
             per_token, m = vocab_parallel_distill_loss(
                 student, mb["teacher_logits"], loss=d.loss, top_k=d.top_k, support=d.support,
                 temperature=d.temperature, loss_mask=mask, sampled_ids=sampled,
-                support_ids=support_ids, beta=d.beta, vocab_size=vocab)
+                support_ids=support_ids, beta=d.beta, vocab_size=vocab,
+                with_metrics=step % d.metrics_every == 0)
             # TIS (sampled_pg only, validated): the sampled-token estimator is reweighted.
             loss_sum = (per_token * weights).sum()
             if "advantages" in mb:

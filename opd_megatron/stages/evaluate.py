@@ -6,6 +6,7 @@ import torch
 
 from opd_megatron.data.dataset import load_prompt_dataset
 from opd_megatron.data.encoding import encode_prompt
+from opd_megatron.data.overlong import keep_last, screen_overlong
 from opd_megatron.rollout.base import SamplingParams
 from opd_megatron.runtime.distributed import current_device
 from opd_megatron.stages.replica_rewards import ReplicaScorer
@@ -17,9 +18,14 @@ class Evaluator:
         cfg = ctx.cfg
         self.dataset = None
         if cfg.data.eval_path:
-            self.dataset = load_prompt_dataset(cfg.data.eval_path,
-                                               skip_bad_rows=cfg.data.skip_bad_rows)
+            self.dataset = screen_overlong(
+                load_prompt_dataset(cfg.data.eval_path, skip_bad_rows=cfg.data.skip_bad_rows),
+                lambda ex: len(self._encode(ex)), cfg.data.max_seq_length, cfg.data.overlong_prompt,
+                what="prompt").dataset
         self.scorer = ReplicaScorer(cfg, cfg.eval.reward, cfg.eval.reward_options)
+
+    def _encode(self, example) -> list[int]:
+        return encode_prompt(self.ctx.tokenizer, example)
 
     def run(self) -> dict[str, float]:
         if self.dataset is None:
@@ -30,7 +36,8 @@ class Evaluator:
         sampling = ctx.eval_sampling()
         for chunk in ctx.model.chunks:
             chunk.eval()
-        rollouts = ctx.engine.generate([encode_prompt(ctx.tokenizer, ex) for ex in mine], sampling)
+        limit = ctx.cfg.data.max_seq_length
+        rollouts = ctx.engine.generate([keep_last(self._encode(ex), limit) for ex in mine], sampling)
         texts = [ctx.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
         examples = [mine[r.prompt_index] for r in rollouts]
         scores = self.scorer(texts, examples).scores if rollouts else []

@@ -1,7 +1,6 @@
 """The one trainer loop every stage runs: resume, step, log, evaluate, checkpoint."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -57,15 +56,18 @@ def trained_tokens_per_second(metrics: dict[str, float]) -> float:
 
 
 def run_loop(cfg: StageConfig, stage: Stage, model, *, start_step: int,
-             tokenizer_dir: str | None) -> dict:
+             tokenizer_dir: str | None, run_record: dict | None = None) -> dict:
     """Returns the `history` of logged metrics and `preempted`: the signal that stopped the run
-    early (its checkpoint written), or None."""
+    early (its checkpoint written), or None. `run_record` is saved with every checkpoint (what a
+    resume is checked against)."""
+    from opd_megatron.trainer.history import continue_history, write_history
     from opd_megatron.trainer.metrics import MetricsLogger
     from opd_megatron.trainer.preemption import PreemptionWatch
 
     rank0 = torch.distributed.get_rank() == 0
     out_dir = Path(cfg.output_dir)
     t = cfg.trainer
+    earlier = continue_history(out_dir, start_step) if rank0 else []
     logger = MetricsLogger(out_dir, total_steps=t.steps, start_step=start_step, enabled=rank0,
                            tensorboard=t.tensorboard, wandb_project=t.wandb_project,
                            run_name=cfg.stage, bar_keys=("loss", "reward", "accuracy", "lr"))
@@ -101,7 +103,7 @@ def run_loop(cfg: StageConfig, stage: Stage, model, *, start_step: int,
                 with phase("checkpoint"):
                     saved = _save_if_due(cfg, stage, model, step + 1, skipped=skipped,
                                          last=exiting or step + 1 == t.steps,
-                                         tokenizer_dir=tokenizer_dir)
+                                         tokenizer_dir=tokenizer_dir, run_record=run_record)
                 # Logged after the save, so that the row carries this step's checkpoint time.
                 metrics.update(reduce_metrics(TIMER.take()))
                 logger.log(step + 1, metrics)
@@ -116,12 +118,12 @@ def run_loop(cfg: StageConfig, stage: Stage, model, *, start_step: int,
     finally:
         logger.close()
     if rank0:
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        write_history(out_dir, earlier + history)
     return {"history": history, "preempted": preempted}
 
 
 def _save_if_due(cfg: StageConfig, stage: Stage, model, iteration: int, *, skipped: bool,
-                 last: bool, tokenizer_dir: str | None) -> Path | None:
+                 last: bool, tokenizer_dir: str | None, run_record: dict | None) -> Path | None:
     """Checkpoint on schedule (`trainer.save_every`) and at the last step (unless save_every < 0),
     never right after a skipped step: its weights may be the non-finite ones that caused it, and
     `latest` must always be safe for `resume: auto`."""
@@ -137,7 +139,8 @@ def _save_if_due(cfg: StageConfig, stage: Stage, model, iteration: int, *, skipp
                   "written for it", flush=True)
         return None
     return save_checkpoint(Path(cfg.output_dir) / "checkpoints", iteration, model,
-                           stage.state_dict(), keep_last=t.keep_last, tokenizer_dir=tokenizer_dir)
+                           stage.state_dict(), keep_last=t.keep_last, tokenizer_dir=tokenizer_dir,
+                           run_record=run_record)
 
 
 def _newest_checkpoint(out_dir: Path) -> Path | None:

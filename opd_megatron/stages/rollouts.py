@@ -1,5 +1,5 @@
 """Rollout batches shared by the RL stages: sample, decode, build trainable sequences, score
-tokens with a (frozen or live) model, and the per-response diagnostics LOSSES.md asks for.
+tokens with a (frozen or live) model, and the per-response diagnostics docs/LOSSES.md asks for.
 
 Every micro-batch carries `engine_logprobs` [b, s], aligned with `labels`: the rollout engine's
 log-prob of each response token (0 elsewhere), of the distribution the trainer computes (after
@@ -14,6 +14,7 @@ import torch
 
 from opd_megatron.data.encoding import encode_prompt
 from opd_megatron.data.shapes import ShapeContract
+from opd_megatron.data.overlong import keep_last
 from opd_megatron.data.tiny_tokenizer import HEDGING_WORDS
 from opd_megatron.losses import vocab_parallel_logprobs
 from opd_megatron.rollout.base import Rollout
@@ -36,7 +37,8 @@ class RolloutBatch:
 def generate_rollouts(ctx, examples: list, step: int, draw: int = 0) -> list[Rollout]:
     """Refit the engine to the live weights, then sample (`draw` > 0: a further draw of the same
     step, with its own seed, for dynamic sampling)."""
-    prompts = [encode_prompt(ctx.tokenizer, ex) for ex in examples]
+    limit = ctx.cfg.data.max_seq_length   # data.overlong_prompt: truncate_left keeps the tail
+    prompts = [keep_last(encode_prompt(ctx.tokenizer, ex), limit) for ex in examples]
     for chunk in ctx.model.chunks:
         chunk.eval()
     with phase("refit"):

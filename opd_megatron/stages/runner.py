@@ -53,17 +53,17 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from opd_megatron.runtime import distributed as rd
+    from opd_megatron.runtime.child_processes import bind_checkpoint_writer_to_rank
     from opd_megatron.stages.context import StageContext, stage_tokenizer
     from opd_megatron.stages.loop import run_loop
-    from opd_megatron.trainer.checkpointing import (
-        latest_checkpoint,
-        load_checkpoint,
-        load_initial_weights,
-    )
+    from opd_megatron.stages.resume import apply_schedule_overrides, plan_resume, run_fingerprint
+    from opd_megatron.trainer.checkpointing import load_checkpoint, load_initial_weights
     from opd_megatron.trainer.engine import build_trainable
 
+    resume = plan_resume(cfg, arch, where)
     rd.initialize(cfg.parallel, cfg.seed)
     try:
+        bind_checkpoint_writer_to_rank()
         tokenizer, tokenizer_dir = stage_tokenizer(cfg)
         optim, total_updates = schedule_in_updates(cfg)
         model = build_trainable(arch, cfg.parallel, cfg.precision, optim, total_updates,
@@ -72,21 +72,21 @@ def run_stage(cfg: StageConfig, arch: ModelArch, where: str) -> dict:
         ctx = StageContext(cfg=cfg, arch=arch, model=model, tokenizer=tokenizer,
                            tokenizer_dir=str(tokenizer_dir), dp_rank=ps.get_data_parallel_rank(),
                            dp_size=ps.get_data_parallel_world_size())
-        resume = None
-        if cfg.trainer.resume == "auto":
-            resume = latest_checkpoint(f"{cfg.output_dir}/checkpoints")
-        elif cfg.trainer.resume != "none":
-            resume = cfg.trainer.resume
         if cfg.model.megatron_dir:
             load_initial_weights(model, cfg.model.megatron_dir)
         # The stage is built from the initial weights (OPSD's frozen teacher copies them).
         stage = stage_class(cfg.stage)(ctx)
         start = 0
         if resume is not None:
-            state = load_checkpoint(resume, model)
+            # The config's schedule wins where trainer.resume_overrides says so.
+            model.scheduler.override_opt_param_scheduler = resume.override_schedule
+            state = load_checkpoint(resume.path, model)
+            if resume.override_schedule:
+                apply_schedule_overrides(model)
             stage.load_state_dict(state["stage"])
             start = state["iteration"]
-        result = run_loop(cfg, stage, model, start_step=start, tokenizer_dir=str(tokenizer_dir))
+        result = run_loop(cfg, stage, model, start_step=start, tokenizer_dir=str(tokenizer_dir),
+                          run_record=run_fingerprint(cfg, arch))
         result["final_eval"] = stage.evaluate() if cfg.data.eval_path and not result[
             "preempted"] else {}
         return result

@@ -5,6 +5,7 @@ import torch
 
 from opd_megatron.data.dataset import load_sft_dataset
 from opd_megatron.data.encoding import encode_sft
+from opd_megatron.data.overlong import keep_last
 from opd_megatron.data.packing import pack_sequences, segment_causal_mask
 from opd_megatron.losses import vocab_parallel_cross_entropy_loss
 from opd_megatron.stages.base import StageBase
@@ -32,6 +33,7 @@ def packed_microbatches(seqs: list[list[int]], masks: list[list[int]], micro_bat
 
 class SFTStage(StageBase):
     load_dataset = staticmethod(load_sft_dataset)
+    measured = "prompt + response"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -41,13 +43,17 @@ class SFTStage(StageBase):
             raise ConfigError("data.packing=true needs the local layer spec's explicit masks; "
                               "GPU (Transformer Engine) runs use padded batches")
 
+    def sequence_length(self, example) -> int:
+        return len(encode_sft(self.ctx.tokenizer, example)[0])
+
     def step(self, step: int) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg
         seqs, masks = [], []
         for example in self.next_examples():
             ids, mask = encode_sft(ctx.tokenizer, example)
-            seqs.append(ids[:cfg.data.max_seq_length])
-            masks.append(mask[:cfg.data.max_seq_length])
+            # Over-long examples were skipped or refused at load unless truncate_left is chosen.
+            seqs.append(keep_last(ids, cfg.data.max_seq_length))
+            masks.append(keep_last(mask, cfg.data.max_seq_length))
         if cfg.data.packing:
             microbatches = packed_microbatches(seqs, masks, cfg.trainer.micro_batch_size,
                                                cfg.data.max_seq_length, ctx.tokenizer.pad_token_id)

@@ -38,14 +38,21 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root` (temporary, unfinished ones are ignored)."""
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under `root`, newest first (temporary, unfinished ones are
+    ignored: trainer_state.json is written last)."""
     root = Path(root)
     if not root.is_dir():
-        return None
+        return []
     done = [(int(m.group(1)), p) for p in root.iterdir()
             if (m := _ITER_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
-    return max(done)[1] if done else None
+    return [p for _, p in sorted(done, reverse=True)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    done = complete_checkpoints(root)
+    return done[0] if done else None
 
 
 def _rng_state() -> dict:
@@ -81,8 +88,10 @@ def _optimizer_sharded(model: TrainableModel, is_loading: bool) -> dict:
 
 
 def save_checkpoint(root: str | Path, iteration: int, model: TrainableModel, stage_state: dict,
-                    *, keep_last: int, tokenizer_dir: str | Path | None = None) -> Path:
-    """Collective. Returns the final directory."""
+                    *, keep_last: int, tokenizer_dir: str | Path | None = None,
+                    run_record: dict | None = None) -> Path:
+    """Collective. Returns the final directory. `run_record` (stages/resume.py) is what a resume
+    checks its config against."""
     from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
@@ -103,7 +112,8 @@ def save_checkpoint(root: str | Path, iteration: int, model: TrainableModel, sta
         if tokenizer_dir is not None:
             copy_side_files(tokenizer_dir, tmp)
         state = {"iteration": iteration, "scheduler": model.scheduler.state_dict(),
-                 "adam_step": _adam_step(model.optimizer), "stage": stage_state}
+                 "adam_step": _adam_step(model.optimizer), "stage": stage_state,
+                 "run": run_record or {}}
         # Written last: its presence is what marks a checkpoint complete.
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         if final.exists():

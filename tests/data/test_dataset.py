@@ -99,13 +99,13 @@ def test_empty_dataset_is_an_error(tmp_path):
 
 
 def test_missing_file_names_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+    with pytest.raises(DataError, match=r"nowhere\.jsonl: dataset file not found$"):
         load_prompt_dataset(tmp_path / "nowhere.jsonl")
 
 
 def test_unknown_extension(tmp_path):
     path = write_rows(tmp_path / "p.csv", [GOOD])
-    with pytest.raises(ValueError, match=r"p\.csv: unsupported dataset extension '\.csv'"):
+    with pytest.raises(DataError, match=r"p\.csv: unsupported dataset extension '\.csv'"):
         load_prompt_dataset(path)
 
 

@@ -1,4 +1,4 @@
-"""Float64 full-vocabulary references for the losses, written literally from LOSSES.md.
+"""Float64 full-vocabulary references for the losses, written literally from docs/LOSSES.md.
 
 Plain autograd on the concatenated (unsharded) logits: no chunking, no analytic gradients, no
 communication. Shared by the in-process tests and the torchrun workers.
@@ -65,7 +65,7 @@ def reference_distill(student, teacher, *, loss, top_k, support, temperature=1.0
     elif loss == "topk_rkl_tail":
         p_tail, q_tail = 1 - p_S.sum(-1), 1 - q_S.sum(-1)
         value = (p_S * (lp_S - lq_S)).sum(-1) + p_tail * (p_tail / q_tail).log()
-    elif loss == "topk_rkl_norm":
+    elif loss in ("topk_rkl_norm", "topk_fkl_norm", "topk_mixed_norm"):
         inside = _isin(S, teacher_top)
         empty = ~inside.any(-1, keepdim=True)
         inside_safe = inside | empty  # keeps empty rows finite; they are zeroed below
@@ -73,7 +73,11 @@ def reference_distill(student, teacher, *, loss, top_k, support, temperature=1.0
         lqn = torch.log_softmax(torch.where(inside_safe, lq_S, -torch.inf), -1)
         lpn, lqn = torch.where(inside_safe, lpn, 0.0), torch.where(inside_safe, lqn, 0.0)
         pn = torch.where(inside_safe, lpn.exp(), 0.0)
-        value = (pn * (lpn - lqn)).sum(-1) * (~empty[..., 0])
+        qn = torch.where(inside_safe, lqn.exp(), 0.0)
+        rkl, fkl = (pn * (lpn - lqn)).sum(-1), (qn * (lqn - lpn)).sum(-1)
+        # NeMo-RL's kl_type reverse / forward / mixed (mixed_kl_weight = beta) on the same set.
+        value = {"topk_rkl_norm": rkl, "topk_fkl_norm": fkl,
+                 "topk_mixed_norm": beta * fkl + (1 - beta) * rkl}[loss] * (~empty[..., 0])
     else:
         raise ValueError(loss)
     mask = torch.ones(value.shape, dtype=torch.float64) if mask is None else mask.double()

@@ -1,21 +1,23 @@
-"""Distillation loss at TP=1 against the float64 reference, and the identities of LOSSES.md."""
+"""Distillation loss at TP=1 against the float64 reference, and the identities of docs/LOSSES.md."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from opd_megatron.losses import LOSSES, SUPPORTS, vocab_parallel_distill_loss
+from opd_megatron.losses.distill_objectives import OBJECTIVES
 from tests.losses.compare import TOLERANCE, distill_errors, upstream
 from tests.losses.reference import make_case
 
 CASE = make_case(0, top_k=6)
 
 
+@pytest.mark.parametrize("with_metrics", [True, False], ids=["metrics", "no_metrics"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("support", SUPPORTS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_matches_reference(loss, support, dtype):
-    errors = distill_errors(CASE, dtype, loss, support)
+def test_matches_reference(loss, support, dtype, with_metrics):
+    errors = distill_errors(CASE, dtype, loss, support, with_metrics=with_metrics)
     assert max(errors.values()) < TOLERANCE[dtype], errors
 
 
@@ -184,3 +186,54 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
 def test_student_teacher_shape_mismatch_raises():
     with pytest.raises(ValueError, match="teacher_logits"):
         vocab_parallel_distill_loss(CASE["student"], CASE["teacher"][..., :40], loss="full_rkl")
+
+
+RENORMALISED = [name for name, objective in OBJECTIVES.items() if objective.support_only]
+
+
+@pytest.mark.parametrize("support", ["teacher", "given"])
+@pytest.mark.parametrize("loss", RENORMALISED)
+def test_renormalised_reads_and_writes_only_the_support(loss, support):
+    """The student's logits off the support are NaN: a pass that read any of them, forward or
+    backward, would spread NaN into the value or the gradient. The gradient is exactly zero off
+    the support and equal to the clean run's on it."""
+    vocab, k = CASE["vocab_size"], CASE["top_k"]
+    teacher_top = CASE["teacher"][..., :vocab].topk(k, -1).indices
+    ids = {"teacher": teacher_top, "given": CASE["given"]}[support]
+    on_support = torch.zeros(CASE["student"].shape, dtype=torch.bool).scatter_(-1, ids, True)
+    poisoned = dict(CASE, student=torch.where(on_support, CASE["student"], torch.nan))
+    value, grad = _grad(loss, case=poisoned, support=support, with_metrics=False)
+    clean_value, clean_grad = _grad(loss, support=support, with_metrics=False)
+    assert (grad[~on_support] == 0).all()
+    torch.testing.assert_close(value, clean_value, rtol=0, atol=0)
+    torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0)
+    assert (grad[on_support] != 0).any()
+
+
+@pytest.mark.parametrize("loss", RENORMALISED)
+def test_renormalised_backward_keeps_no_logits(loss):
+    student = CASE["student"].clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        vocab_parallel_distill_loss(student, CASE["teacher"], loss=loss, top_k=4,
+                                    support="student", with_metrics=False)
+    assert not [x.shape for x in saved if x.numel() >= student.numel()]
+
+
+def test_sparse_gradient_is_zero_off_the_support_in_bf16():
+    """The support-only backward scatters into a zero gradient (a kernel-zeroed mapping on CPU
+    when large): every entry off the support reads back as zero, in the input dtype."""
+    case = make_case(2, batch=2, seq=64, padded_vocab=4096, vocab_size=4000, top_k=20)
+    student = case["student"].to(torch.bfloat16).requires_grad_()
+    out, _ = vocab_parallel_distill_loss(student, case["teacher"].to(torch.bfloat16),
+                                         loss="topk_mixed_norm", top_k=20, support="teacher",
+                                         vocab_size=case["vocab_size"], with_metrics=False)
+    out.sum().backward()
+    # bf16 logits tie: the support is K of the ids at or above the K-th largest teacher logit.
+    teacher = case["teacher"].to(torch.bfloat16).float()
+    teacher[..., case["vocab_size"]:] = -torch.inf
+    allowed = teacher >= teacher.topk(20, -1).values[..., -1:]
+    nonzero = student.grad != 0
+    assert student.grad.dtype == torch.bfloat16
+    assert not (nonzero & ~allowed).any() and nonzero.any()
+    assert (nonzero.sum(-1) <= 20).all()

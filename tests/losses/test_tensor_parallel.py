@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from opd_megatron.losses import LOSSES
 from tests.launch import last_json, torchrun
 
 WORKER = Path(__file__).parent / "workers" / "tp_worker.py"
@@ -21,4 +22,5 @@ def test_losses_match_reference_under_tensor_parallelism(tp):
     too_large = {name: err for name, err in report["errors"].items()
                  if err > report["tolerance"].get(name.split("/")[0], 0.0)}
     assert not too_large, too_large
-    assert len(report["errors"]) == 2 * (8 * 3 + 4) + 1
+    # Per dtype: every loss x support with and without metrics, log-probs, GRPO x 2, SFT.
+    assert len(report["errors"]) == 2 * (len(LOSSES) * 3 * 2 + 4) + 1

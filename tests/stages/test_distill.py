@@ -61,7 +61,7 @@ def test_opd_at_tp2_and_pp2_matches_tp1(tiny_world, sft_ckpt, tmp_path):
 def test_biased_topk_collapses_student_support_mass_stop_gradient_does_not(tiny_world, sft_ckpt,
                                                                            tmp_path):
     """Teacher = the student's own weights isolates the bias: the stop-gradient loss then has no
-    gradient, while the biased form's gradient is exactly grad(P_S) (LOSSES.md)."""
+    gradient, while the biased form's gradient is exactly grad(P_S) (docs/LOSSES.md)."""
     mass = {}
     for loss in ("topk_rkl", "topk_rkl_sg"):
         out = tmp_path / loss
@@ -81,11 +81,14 @@ def test_opsd_system_prompt_runs(tiny_world, sft_ckpt, tmp_path, source):
     out = tmp_path / source
     train(1, *opd_args(tiny_world, out, sft_ckpt, None, recipe="conf/opsd_tiny_cpu_tp1.yaml", **{
         "trainer.steps": 2, "teacher.source": source, "data.train_path": data["rule"],
-        "data.eval_path": data["eval"], "eval.reward": "exact_match"}))
+        "data.eval_path": data["eval"], "eval.reward": "exact_match",
+        "distill.metrics_every": 2}))
     history = read_metrics(out / "metrics.jsonl")
     assert len(history) == 2 and all(h["loss"] == h["loss"] for h in history)
     assert history[0]["teacher_logprob"] < 0
     assert all(h["rollout/logprob_diff_max"] < 1e-5 for h in history)
+    # The full-vocabulary diagnostics come every metrics_every steps only.
+    assert "topk_overlap" in history[0] and "topk_overlap" not in history[1]
 
 
 def test_sampled_pg_with_tis_logs_its_weights(tiny_world, tmp_path):
@@ -135,4 +138,16 @@ def test_teacher_temperature_must_match_student(tmp_path):
     cfg.data.train_path = str(data)
     cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size = 4
     with pytest.raises(ConfigError, match="teacher.temperature=0.7 differs from distill.temperature=1.0"):
+        validate_stage_config(cfg, dp_size=1, where="x.yaml")
+
+
+def test_metrics_every_must_be_positive(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    cfg = StageConfig(stage="opsd", teacher=TeacherSection(source="initial"))
+    cfg.teacher.pi.mode = "system_prompt"
+    cfg.data.train_path = str(data)
+    cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size = 4
+    cfg.distill.metrics_every = 0
+    with pytest.raises(ConfigError, match="distill.metrics_every=0 must be >= 1"):
         validate_stage_config(cfg, dp_size=1, where="x.yaml")

@@ -49,7 +49,8 @@ def saves(monkeypatch):
     monkeypatch.setattr(loop, "trained_tokens_per_second", lambda metrics: 0.0)
     saved = []
 
-    def record(root, iteration, model, stage_state, *, keep_last, tokenizer_dir=None):
+    def record(root, iteration, model, stage_state, *, keep_last, tokenizer_dir=None,
+               run_record=None):
         saved.append(iteration)
         return root / f"iter_{iteration:07d}"
 

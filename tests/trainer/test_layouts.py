@@ -19,7 +19,7 @@ LAYOUTS = [
     ("tp1pp2_dp1", 2, 1, 2, 0),
     ("tp2pp2_dp1", 4, 2, 2, 0),
     ("tp1pp1_dp2", 2, 1, 1, 0),
-    # Interleaved pipeline: silently wrong gradients with batched p2p on gloo (DESIGN.md).
+    # Interleaved pipeline: silently wrong gradients with batched p2p on gloo (docs/DESIGN.md).
     ("tp1pp2vpp2_dp1", 2, 1, 2, 2),
 ]
 

@@ -35,6 +35,9 @@ def run_checks(case, rank, world, group) -> dict[str, float]:
             for support in SUPPORTS:
                 errors = distill_errors(case, dtype, loss, support, **common)
                 results[f"{name}/{loss}/{support}"] = max(errors.values())
+                # Without metrics the renormalised objectives take the support-only path.
+                errors = distill_errors(case, dtype, loss, support, with_metrics=False, **common)
+                results[f"{name}/{loss}/{support}/no_metrics"] = max(errors.values())
         results[f"{name}/logprobs"] = max(logprobs_errors(case, dtype, **common).values())
         for per_sequence in (False, True):
             errors = grpo_errors(case, dtype, per_sequence, **common)
