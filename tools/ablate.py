@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -47,6 +49,8 @@ def arms(demo: Path) -> list[Arm]:
     """Every arm, on the demo's layout (run_demo.build_base); the demo's OPD recipe is the
     reference each arm changes one thing of."""
     data = {"train": demo / "data" / "train.jsonl", "sft": demo / "data" / "sft_train.jsonl"}
+    opd_optimizer = yaml.safe_load((REPO / RECIPES["opd"]).read_text())["optimizer"]
+    opd_lr = {"optimizer.lr": opd_optimizer["lr"], "optimizer.min_lr": opd_optimizer["min_lr"]}
     student, raw = demo / "sft_student" / "checkpoints" / "latest", demo / "models" / "student_megatron"
     opd = {"model.megatron_dir": student,
            "teacher.megatron_dir": demo / "rlvr_teacher" / "checkpoints" / "latest",
@@ -59,20 +63,22 @@ def arms(demo: Path) -> list[Arm]:
             {**opd, "teacher.megatron_dir": demo / "sft_teacher" / "checkpoints" / "latest"}),
         Arm("student_raw", "student", "opd", "OPD into the raw (not SFT-warmed) student",
             {**opd, "model.megatron_dir": raw}),
-        Arm("baseline_sft", "baseline", "sft", "more SFT on the student (same steps, batch)",
-            {"model.megatron_dir": student, "data.train_path": data["sft"],
-             "optimizer.lr": 3e-4, "optimizer.min_lr": 3e-5}),
-        Arm("baseline_grpo", "baseline", "rlvr", "GRPO on the student (same steps, prompts)",
-            {"model.megatron_dir": student, "data.train_path": data["train"],
-             "trainer.global_batch_size": 16}),
+        # Equal budget: OPD's steps, 16 sequences per step and learning rate.
+        Arm("baseline_sft", "baseline", "sft", "more SFT on the student (equal budget)",
+            {"model.megatron_dir": student, "data.train_path": data["sft"], **opd_lr}),
+        Arm("baseline_grpo", "baseline", "rlvr", "GRPO on the student (2 prompts x 8 samples)",
+            {"model.megatron_dir": student, "data.train_path": data["train"], **opd_lr,
+             "trainer.global_batch_size": 2, "rollout.samples_per_prompt": 8}),
     ]
     high = {**opd, "optimizer.lr": 1e-3, "optimizer.min_lr": 1e-4}
     out += [
         Arm("leak_biased_adam", "tail_leak", "opd", "topk_rkl (biased), Adam, lr 1e-3",
             {**high, "distill.loss": "topk_rkl"}),
         Arm("leak_sg_adam", "tail_leak", "opd", "topk_rkl_sg, Adam, lr 1e-3", high),
-        Arm("leak_sg_sgd", "tail_leak", "opd", "topk_rkl_sg, SGD (momentum 0.9), lr 0.3",
-            {**high, "optimizer.name": "sgd", "optimizer.lr": 0.3, "optimizer.min_lr": 0.03}),
+        *(Arm(name, "tail_leak", "opd", f"topk_rkl_sg, SGD (momentum 0.9), lr {lr}",
+              {**high, "optimizer.name": "sgd", "optimizer.lr": lr, "optimizer.min_lr": lr / 10,
+               "parallel.distributed_optimizer": "false"})
+          for name, lr in (("leak_sg_sgd", 0.03), ("leak_sg_sgd_fast", 0.3))),
         Arm("leak_sg_k64", "tail_leak", "opd", "topk_rkl_sg, Adam, lr 1e-3, K=64",
             {**high, "distill.top_k": 64}),
         Arm("leak_tail_adam", "tail_leak", "opd", "topk_rkl_tail, Adam, lr 1e-3",

@@ -199,7 +199,7 @@ def distill_arms(base: dict) -> list[tuple[str, str, dict]]:
     """(run name, title, overrides) of the demo's three distillation arms."""
     data, student = base["data"], base["sft_student"]["dir"]
     return [
-        ("opd_student", "OPD: student <- RLVR teacher (topk_rkl_sg)", {
+        ("opd_student", "OPD: student <- RLVR teacher (topk_rkl_tail)", {
             "model.megatron_dir": student, "teacher.megatron_dir": base["rlvr"]["dir"],
             "data.train_path": data["train"], "data.eval_path": data["eval"]}),
         ("opsd_rule_student", "OPSD: shared system-prompt rule (teacher = frozen initial student "
@@ -235,12 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiplies every stage's step count (0.1 for CI)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2],
                         help="seeds of the OPD/OPSD arms; summary.json holds their mean")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the finished stages of an earlier run in --out, run the rest")
     args = parser.parse_args(argv)
     start = time.time()
     root = args.out.resolve()
     s = args.scale
     eval_n = HELD_OUT if s >= 1 else 64
-    base = build_base(root, s)
+    base = build_base(root, s, args.reuse)
     data, sft_teacher, sft_student, rlvr = (base[k] for k in ("data", "sft_teacher", "sft_student", "rlvr"))
     common = {"trainer.tensorboard": "false", "eval.num_examples": eval_n}
     seeds = args.seeds
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             result = train(root, RECIPES[name], f"{name}_seed{seed}", {
                 **common, **overrides, "seed": seed, "trainer.steps": steps(DISTILL_STEPS, s),
-                "trainer.eval_every": steps(DISTILL_STEPS, s)})
+                "trainer.eval_every": steps(DISTILL_STEPS, s)}, args.reuse)
             results.append(result)
             log(f"{title}, seed {seed}: {result['before']:.3f} -> {result['after']:.3f}")
         runs[name] = results
