@@ -56,6 +56,8 @@ def arms(demo: Path) -> list[Arm]:
            "teacher.megatron_dir": demo / "rlvr_teacher" / "checkpoints" / "latest",
            "data.train_path": data["train"]}
     losses = ("topk_rkl", "topk_rkl_sg", "topk_rkl_norm", "topk_rkl_tail", "full_rkl", "sampled_pg")
+    grpo = {"model.megatron_dir": student, "data.train_path": data["train"],
+            "trainer.global_batch_size": 2, "rollout.samples_per_prompt": 8}
     out = [Arm(f"loss_{loss}", "loss", "opd", f"OPD, loss {loss}", {**opd, "distill.loss": loss})
            for loss in losses]
     out += [
@@ -67,10 +69,12 @@ def arms(demo: Path) -> list[Arm]:
         Arm("baseline_sft", "baseline", "sft", "more SFT on the student (equal budget)",
             {"model.megatron_dir": student, "data.train_path": data["sft"], **opd_lr}),
         Arm("baseline_grpo", "baseline", "rlvr", "GRPO on the student (2 prompts x 8 samples)",
-            {"model.megatron_dir": student, "data.train_path": data["train"], **opd_lr,
-             "trainer.global_batch_size": 2, "rollout.samples_per_prompt": 8}),
+            {**grpo, **opd_lr}),
+        # GRPO at the RLVR recipe's own rate, in case OPD's is too high for a policy gradient.
+        Arm("baseline_grpo_lr5e-5", "baseline", "rlvr", "GRPO on the student, lr 5e-5", grpo),
     ]
-    high = {**opd, "optimizer.lr": 1e-3, "optimizer.min_lr": 1e-4}
+    # The stop-gradient form at a rate where it collapses under Adam, then one change each.
+    high = {**opd, "distill.loss": "topk_rkl_sg", "optimizer.lr": 1e-3, "optimizer.min_lr": 1e-4}
     out += [
         Arm("leak_biased_adam", "tail_leak", "opd", "topk_rkl (biased), Adam, lr 1e-3",
             {**high, "distill.loss": "topk_rkl"}),
