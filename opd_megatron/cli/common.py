@@ -21,7 +21,8 @@ def load_and_validate(path: str, overrides: list[str], schema):
     arch: ModelArch = resolve_arch(cfg.model)
     validate_layout(cfg.parallel, arch, world_size_from_env(), cuda=torch.cuda.is_available(),
                     where=str(path))
-    validate_optimizer(cfg.optimizer, where=str(path))
+    validate_optimizer(cfg.optimizer, where=str(path),
+                       distributed_optimizer=cfg.parallel.distributed_optimizer)
     from opd_megatron.models.precision import DeviceCaps, PrecisionError, plan_precision
     from opd_megatron.config.loader import ConfigError
 

@@ -51,22 +51,20 @@ def score_loaded(chunks: list[torch.nn.Module], vocab_size: int, ids: list[int])
     from opd_megatron.losses import vocab_parallel_logprobs
     from opd_megatron.losses._comm import resolve_tp_group
     from opd_megatron.losses.vocab_parallel import VocabShard, global_topk
-    from opd_megatron.trainer.schedule import run_microbatches
+    from opd_megatron.trainer.schedule import forward_outputs
 
     tokens = torch.tensor([ids])
 
-    def loss_fn(logits, mb):
+    def scores(logits, mb):
         logits = logits.float()
         logprobs = vocab_parallel_logprobs(logits[:, :-1], mb["input_ids"][:, 1:],
                                            vocab_size=vocab_size)
         rows = logits.reshape(-1, logits.shape[-1])
         shard = VocabShard.of(rows.shape[-1], vocab_size, resolve_tp_group(None))
         _, argmax = global_topk(rows[:, :shard.valid], 1, shard)
-        return logits.new_zeros(()), torch.tensor(1), {"logprobs": logprobs[0].tolist(),
-                                                       "argmax": argmax[:, 0].tolist()}
+        return {"logprobs": logprobs[0].tolist(), "argmax": argmax[:, 0].tolist()}
 
-    with torch.no_grad():
-        out = run_microbatches(chunks, [{"input_ids": tokens}], loss_fn, forward_only=True)
+    out = forward_outputs(chunks, [{"input_ids": tokens}], scores)
     if out and ps.get_tensor_model_parallel_rank() == 0:
         return out[0]
     return None

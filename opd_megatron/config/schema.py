@@ -46,6 +46,10 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
+    # sgd (momentum sgd_momentum) exists to separate a loss's gradient from Adam's normalisation
+    # of it (tools/ablate.py's tail-leak arms); recipes train with adam.
+    name: Literal["adam", "sgd"] = "adam"
+    sgd_momentum: float = 0.9
     lr: float = 1e-5
     min_lr: float = 0.0
     weight_decay: float = 0.0

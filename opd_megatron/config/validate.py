@@ -52,7 +52,12 @@ def validate_layout(parallel: ParallelConfig, arch: ModelArch, world_size: int, 
             fail("parallel.sequence_parallel=true needs Transformer Engine or apex norms (GPU only)")
 
 
-def validate_optimizer(optim: OptimizerConfig, where: str = "<config>") -> None:
+def validate_optimizer(optim: OptimizerConfig, where: str = "<config>", *,
+                       distributed_optimizer: bool = False) -> None:
+    if optim.name != "adam" and distributed_optimizer:
+        # Megatron's DistributedOptimizer shards Adam's state only.
+        raise ConfigError(f"{where}: optimizer.name={optim.name} needs "
+                          "parallel.distributed_optimizer=false")
     if optim.lr <= 0:
         raise ConfigError(f"{where}: optimizer.lr={optim.lr} must be positive")
     if not 0 <= optim.min_lr <= optim.lr:

@@ -32,7 +32,7 @@ from opd_megatron.stages.replica_rewards import ReplicaScorer
 from opd_megatron.stages.rlvr import group_advantages
 from opd_megatron.stages.rollouts import response_diagnostics, sample_rollouts
 from opd_megatron.stages.timing import phase
-from opd_megatron.trainer.schedule import run_microbatches
+from opd_megatron.trainer.schedule import forward_outputs
 
 
 class TeacherHealthError(RuntimeError):
@@ -135,13 +135,11 @@ class DistillStage(StageBase):
     # --- one step -----------------------------------------------------------------------------
 
     def _teacher_logits(self, teacher_mbs: list[dict]) -> list[torch.Tensor]:
-        def keep(logits, mb):
+        def response_logits(logits, mb):
             index, _ = response_index(mb["prompt_len"], mb["response_len"], logits.shape[1])
-            return logits.sum() * 0, torch.tensor(1), {"logits": gather_positions(logits.detach(), index)}
+            return gather_positions(logits, index)
 
-        with torch.no_grad():
-            outputs = run_microbatches(self.teacher, teacher_mbs, keep, forward_only=True)
-        return [o["logits"] for o in outputs]
+        return forward_outputs(self.teacher, teacher_mbs, response_logits)
 
     def _support_ids(self, rollouts) -> torch.Tensor:
         k = self.ctx.cfg.distill.top_k
@@ -241,7 +239,7 @@ class DistillStage(StageBase):
         """Teacher log-prob and teacher-student gap on sampled tokens; stops on a broken teacher."""
         problem, stats = "", {}
         if teacher_logits:
-            t_all, s_all, m_all = [], [], []
+            t_all, m_all = [], []
             for mb, t_logits in zip(student_mbs, teacher_logits):
                 index, mask = response_index(mb["prompt_len"], mb["response_len"],
                                              mb["labels"].shape[1])

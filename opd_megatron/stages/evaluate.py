@@ -7,7 +7,6 @@ import torch
 from opd_megatron.data.dataset import load_prompt_dataset
 from opd_megatron.data.encoding import encode_prompt
 from opd_megatron.data.overlong import keep_last, screen_overlong
-from opd_megatron.rollout.base import SamplingParams
 from opd_megatron.runtime.distributed import current_device
 from opd_megatron.stages.replica_rewards import ReplicaScorer
 

@@ -21,7 +21,7 @@ from opd_megatron.rollout.base import Rollout
 from opd_megatron.rollout.refit import refit_error_metrics
 from opd_megatron.stages.batching import shifted_microbatches
 from opd_megatron.stages.timing import phase
-from opd_megatron.trainer.schedule import run_microbatches
+from opd_megatron.trainer.schedule import forward_outputs
 
 
 @dataclass
@@ -124,14 +124,11 @@ def token_logprobs(chunks, microbatches: list[dict], vocab_size: int,
                    temperature: float = 1.0) -> list[torch.Tensor]:
     """Forward-only log p(labels) [b, s] per micro-batch (last pipeline stage; [] elsewhere)."""
 
-    def keep(logits, mb):
-        logp = vocab_parallel_logprobs(logits.detach(), mb["labels"], vocab_size=vocab_size,
-                                       temperature=temperature)
-        return logp.sum() * 0, torch.tensor(1), {"logprobs": logp.cpu()}
+    def logprobs(logits, mb):
+        return vocab_parallel_logprobs(logits, mb["labels"], vocab_size=vocab_size,
+                                       temperature=temperature).cpu()
 
-    with torch.no_grad():
-        outputs = run_microbatches(chunks, microbatches, keep, forward_only=True)
-    return [o["logprobs"] for o in outputs]
+    return forward_outputs(chunks, microbatches, logprobs)
 
 
 def ngram_repetition(ids: list[int], n: int = 3) -> float:

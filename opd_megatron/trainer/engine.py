@@ -140,7 +140,8 @@ def build_trainable(arch: ModelArch, parallel: ParallelConfig, precision: Precis
     ]
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(
-            optimizer="adam",
+            optimizer=optim.name,
+            sgd_momentum=optim.sgd_momentum,
             lr=optim.lr,
             min_lr=optim.min_lr,
             weight_decay=optim.weight_decay,

@@ -82,3 +82,19 @@ def run_microbatches(chunks: list[torch.nn.Module], microbatches: list[dict], lo
         forward_only=forward_only,
     )
     return list(outputs or [])
+
+
+def forward_outputs(chunks: list[torch.nn.Module], microbatches: list[dict],
+                    extract: Callable[[torch.Tensor, dict], object]) -> list:
+    """Forward only, without autograd: `extract(logits, mb)` for every micro-batch, on the last
+    pipeline stage (an empty list elsewhere).
+
+    megatron's schedules hand the last stage's output only to a loss function; this wraps
+    `extract` into one whose loss is a constant zero that nothing reads.
+    """
+    def loss_fn(output: torch.Tensor, mb: dict):
+        return output.new_zeros(()), torch.tensor(1), {"extracted": extract(output, mb)}
+
+    with torch.no_grad():
+        outputs = run_microbatches(chunks, microbatches, loss_fn, forward_only=True)
+    return [output["extracted"] for output in outputs]

@@ -59,3 +59,10 @@ def test_expert_parallel_on_dense_model():
 def test_min_lr_above_lr():
     with pytest.raises(ConfigError, match=r"conf/x\.yaml: optimizer\.min_lr=0\.001 must be in \[0, optimizer\.lr=0\.0001\]"):
         validate_optimizer(OptimizerConfig(lr=1e-4, min_lr=1e-3), "conf/x.yaml")
+
+
+def test_sgd_needs_the_plain_optimizer():
+    sgd = OptimizerConfig(name="sgd", lr=0.03)
+    with pytest.raises(ConfigError, match=r"conf/x\.yaml: optimizer\.name=sgd needs parallel\.distributed_optimizer=false"):
+        validate_optimizer(sgd, "conf/x.yaml", distributed_optimizer=True)
+    validate_optimizer(sgd, "conf/x.yaml", distributed_optimizer=False)

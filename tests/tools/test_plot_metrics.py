@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from tools.plot_metrics import main, plot_runs
 

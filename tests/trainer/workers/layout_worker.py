@@ -12,7 +12,7 @@ from opd_megatron.models.arch import ModelArch
 from opd_megatron.runtime import distributed as rd
 from opd_megatron.trainer.checkpointing import load_initial_weights
 from opd_megatron.trainer.engine import build_trainable
-from opd_megatron.trainer.schedule import run_microbatches
+from opd_megatron.trainer.schedule import forward_outputs
 
 ARCH = ModelArch(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=96,
                  num_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -39,10 +39,8 @@ def gather_vocab(logits):
 def full_logits(chunks, tokens):
     """Logits of every sequence at full vocab, on the last stage (None elsewhere)."""
     mbs = [{"input_ids": tokens[i:i + 1, :-1]} for i in range(tokens.shape[0])]
-    def keep(output, mb):
-        return output.sum() * 0, torch.tensor(1), {"logits": gather_vocab(output.detach())}
-    out = run_microbatches(chunks, mbs, keep, forward_only=True)
-    return torch.cat([o["logits"] for o in out]) if out else None
+    out = forward_outputs(chunks, mbs, lambda logits, mb: gather_vocab(logits))
+    return torch.cat(out) if out else None
 
 
 def ce_loss(output, mb):
