@@ -3,7 +3,7 @@
 KV cache: megatron-core 0.16.1's `StaticInferenceContext`, passed as `inference_context` to
 GPTModel.forward, runs on CPU with the local layer spec (measured at TP1, TP2, PP2 and TP2xPP2:
 cached last-position logits equal a full forward to 4e-7; the tests also cover PP2xVPP2), so
-steps never recompute the whole sequence. Every step goes through `run_microbatches`, so
+steps never recompute the whole sequence. Every step goes through `forward_outputs`, so
 Megatron's own pipeline schedules move activations between stages; each micro-batch carries its
 own context because the cache is indexed by row within a forward call. With PP > 1 a batch is
 split into PP micro-batches, which the interleaved (VPP) schedule requires and which lets the
@@ -42,7 +42,7 @@ from opd_megatron.rollout.sampling import (
     row_generators,
     sampling_logprobs,
 )
-from opd_megatron.trainer.schedule import run_microbatches
+from opd_megatron.trainer.schedule import forward_outputs
 
 
 @dataclass(frozen=True)
@@ -226,15 +226,14 @@ class _CachedForward:
             {"input_ids": ids, "model_kwargs": {"inference_context": context,
                                                 "runtime_gather_output": True}}
             for ids, context in zip(new_ids.chunk(len(self.contexts)), self.contexts)]
-        outputs = run_microbatches(self.chunks, microbatches, self._last_logits, forward_only=True)
+        outputs = forward_outputs(self.chunks, microbatches, self._last_logits)
         for context in self.contexts:
             context.sequence_len_offset += new_ids.shape[1]
-        return torch.cat([output["logits"] for output in outputs]) if outputs else None
+        return torch.cat(outputs) if outputs else None
 
-    def _last_logits(self, output: torch.Tensor, microbatch: dict):
+    def _last_logits(self, output: torch.Tensor, microbatch: dict) -> torch.Tensor:
         # Padded vocabulary entries are cut here, so they can never be sampled.
-        logits = output[:, -1, :self.vocab_size].float()
-        return output.new_zeros(()), torch.tensor(1), {"logits": logits}
+        return output[:, -1, :self.vocab_size].float()
 
 
 def _broadcast_from_sampler(step: torch.Tensor) -> torch.Tensor:
