@@ -79,14 +79,16 @@ def score_rollouts(chunks, vocab_size: int, temperature: float = 1.0):
     the last pipeline stage)."""
 
     def score(rollouts) -> list[list[float]]:
-        out = []
-        for r in rollouts:
-            mask = [0] * len(r.prompt_ids) + [1] * len(r.response_ids)
-            mbs = shifted_microbatches([r.prompt_ids + r.response_ids], [mask], 1, pad_id=0)
-            logp = token_logprobs(chunks, mbs, vocab_size, temperature)
-            # Labels are shifted, so the response is the tail.
-            out.append(logp[0][0, len(r.prompt_ids) - 1:].tolist() if logp else [])
-        return out
+        # One forward for all rollouts: right-padded rows, labels shifted by one, so response
+        # token j of a rollout with P prompt tokens is label P - 1 + j.
+        seqs = [r.prompt_ids + r.response_ids for r in rollouts]
+        masks = [[0] * len(r.prompt_ids) + [1] * len(r.response_ids) for r in rollouts]
+        logp = token_logprobs(chunks, shifted_microbatches(seqs, masks, len(rollouts), pad_id=0),
+                              vocab_size, temperature)
+        if not logp:
+            return [[] for _ in rollouts]
+        return [logp[0][row, len(r.prompt_ids) - 1:len(r.prompt_ids) - 1 + len(r.response_ids)]
+                .tolist() for row, r in enumerate(rollouts)]
     return score
 
 

@@ -26,6 +26,7 @@ from opd_megatron.models.arch import ModelArch
 from opd_megatron.rollout import vllm_engine as ve
 from opd_megatron.rollout.base import SamplingParams
 from opd_megatron.rollout.refit import bucket_by_bytes, merge_tp_shards, refit_error_metrics
+from tests.rollout.archs import tiny_arch
 
 CONFIGS = [(model_type, tied) for model_type in ("llama", "qwen2", "qwen3", "mistral")
            for tied in (False, True)]
@@ -34,12 +35,6 @@ CONFIGS = [(model_type, tied) for model_type in ("llama", "qwen2", "qwen3", "mis
 LAYOUTS = {(2, 1): CONFIGS, (1, 2): [("qwen3", True), ("llama", False)]}
 BUCKET_BYTES = 40_000        # smaller than the embedding, larger than most layer tensors
 BATCH, SEQ = 2, 12
-
-
-def tiny_arch(model_type: str, tied: bool) -> ModelArch:
-    return ModelArch(model_type=model_type, vocab_size=300, hidden_size=64, intermediate_size=96,
-                     num_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                     tie_word_embeddings=tied)
 
 
 # --- sampling parameters and prompts ------------------------------------------------------------

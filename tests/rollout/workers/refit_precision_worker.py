@@ -17,14 +17,9 @@ from opd_megatron.models.arch import ModelArch
 from opd_megatron.rollout.refit import refit, tensor_bytes
 from opd_megatron.runtime import distributed as rd
 from opd_megatron.trainer.engine import build_frozen
+from tests.rollout.archs import tiny_arch
 
 BUCKET_BYTES = 40_000
-
-
-def tiny_arch(model_type: str, tied: bool) -> ModelArch:
-    return ModelArch(model_type=model_type, vocab_size=300, hidden_size=64, intermediate_size=96,
-                     num_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                     tie_word_embeddings=tied)
 
 
 def check(arch: ModelArch, parallel: ParallelConfig, out: Path) -> dict:
